@@ -1,0 +1,4 @@
+"""ggserve engine: everything between "token ids in" and "token ids out".
+
+The server layer imports only the names re-exported here.
+"""

@@ -1,0 +1,1 @@
+"""Model architectures built from kernel calls; differences between families are config flags."""

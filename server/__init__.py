@@ -1,0 +1,1 @@
+"""HTTP layer: llama.cpp-native and OpenAI-compatible APIs over the async engine."""
