@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,11 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 MAX_ARRAY_DEPTH = 8  # nested arrays deeper than this are refused, not recursed into
+# Python objects cost far more memory than their bytes in the file (a 12-byte empty nested array
+# becomes a ~100-byte ndarray): cap them so a hostile file cannot exhaust memory. Real vocabs
+# have < 300k strings and real files use nested arrays rarely, if ever.
+MAX_STRING_ARRAY_ITEMS = 1 << 24
+MAX_NESTED_ARRAYS = 1 << 20  # per file
 
 
 class GGUFError(ValueError):
@@ -113,7 +118,9 @@ class TensorInfo:
     dims: tuple[int, ...]  # ggml `ne` order: dims[0] is the row length
     offset: int  # absolute offset of the data in the file
     n_bytes: int
-    data: np.ndarray  # uint8 (n_bytes,), read-only view of the mapping
+    # uint8 (n_bytes,), read-only view of the mapping. Left out of ==/hash/repr: comparing
+    # arrays elementwise would make `info == other` raise instead of returning a bool.
+    data: np.ndarray = field(compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -187,6 +194,8 @@ class GGUFFile:
             raise GGUFError(f"bad magic {magic!r}: not a GGUF file")
         self.version = cur.u32("version")
         if self.version not in SUPPORTED_VERSIONS:
+            if int.from_bytes(self.version.to_bytes(4, "little"), "big") in SUPPORTED_VERSIONS:
+                raise GGUFError("big-endian GGUF files are not supported (convert to little-endian)")
             raise GGUFError(f"unsupported GGUF version {self.version} (supported: 2, 3)")
         n_tensors = cur.u64("tensor count")
         n_kv = cur.u64("metadata count")
@@ -197,6 +206,7 @@ class GGUFFile:
             raise GGUFError(f"tensor count {n_tensors} is impossible for a {self.size}-byte file")
 
         self.metadata: dict[str, Any] = {}
+        self._nested_budget = MAX_NESTED_ARRAYS
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
             if key in self.metadata:
@@ -253,7 +263,14 @@ class GGUFFile:
             if count > cur.remaining() // min_item:
                 raise GGUFError(f"array {key!r} of {count} items runs past the end of the file")
             if item_type == ValueType.STRING:
+                if count > MAX_STRING_ARRAY_ITEMS:
+                    raise GGUFError(f"array {key!r} has {count} strings (limit "
+                                    f"{MAX_STRING_ARRAY_ITEMS})")
                 return self._read_string_array(cur, count, key)
+            self._nested_budget -= count
+            if self._nested_budget < 0:
+                raise GGUFError(f"metadata {key!r}: more than {MAX_NESTED_ARRAYS} nested arrays "
+                                "in the file")
             return [self._read_value(cur, item_type, key, depth + 1) for _ in range(count)]
         dtype = _SCALAR_DTYPES[vtype]
         raw = cur.take(dtype.itemsize, f"value of {key!r}")

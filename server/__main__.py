@@ -1,4 +1,4 @@
-"""`ggserve` command line: `ggserve [serve flags]`, `ggserve tokenize ...`, `ggserve generate ...`."""
+"""`ggserve` command line: `ggserve [serve flags]`, `ggserve tokenize ...`, `ggserve generate ...`, `ggserve info ...`."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +10,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.cli_tokenize import main as tokenize_main
 
         return tokenize_main(argv[1:])
+    if argv and argv[0] == "info":
+        from server.cli_info import main as info_main
+
+        return info_main(argv[1:])
     if argv and argv[0] == "generate":
         from server.cli_generate import main as generate_main
 
