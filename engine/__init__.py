@@ -1,4 +1,38 @@
 """ggserve engine: everything between "token ids in" and "token ids out".
 
-The server layer imports only the names re-exported here.
+The server layer imports only the names re-exported here. They are resolved lazily (PEP 562)
+so that `ggserve tokenize` / `ggserve info` do not pay for importing numba and the model code.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# exported name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "GGUFFile": "engine.gguf",
+    "GGUFError": "engine.gguf",
+    "GGMLType": "engine.gguf",
+    "TensorInfo": "engine.gguf",
+    "Tokenizer": "engine.tokenizer",
+    "IncrementalDetokenizer": "engine.tokenizer",
+    "ChatTemplate": "engine.chat_template",
+    "ChatTemplateError": "engine.chat_template",
+    "BUILTIN_TEMPLATES": "engine.chat_template",
+    "ModelNotAvailable": "engine.model_store",
+    "ensure_model": "engine.model_store",
+    "DEFAULT_MODEL": "engine.model_store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
