@@ -1,0 +1,223 @@
+"""The FastAPI application: factory, shared state, lifespan (background model loading), CORS.
+
+Owns: `create_app(settings, engine=None)`; `ServerState` (settings, engine once loaded, chat
+template, per-slot context, metrics); the lifespan that builds the engine in a worker thread
+so /health can answer 503 "Loading model" meanwhile; and `ready_state`, the dependency every
+model-backed route uses to get the loaded state (or a 503).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+
+from server import engine_api
+from server.errors import APIError, install_error_handlers
+from server.metrics import ServerMetrics
+from server.settings import ServerSettings
+
+log = logging.getLogger("ggserve.server")
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    engine: Any = None
+    chat_template: Any = None
+    n_ctx_slot: int = 0
+    model_name: str = "ggserve"
+    load_error: str | None = None
+    started_at: float = field(default_factory=time.time)
+    default_sampling: dict[str, Any] = field(default_factory=dict)  # POST /props can change these
+    metrics: ServerMetrics | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.chat_template is not None
+
+    @property
+    def n_slots(self) -> int:
+        return int(getattr(self.engine.config, "n_slots", self.settings.n_parallel))
+
+
+def ready_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.ggserve
+    if state.load_error is not None:
+        raise APIError(500, f"model failed to load: {state.load_error}")
+    if not state.ready:
+        raise APIError(503, "Loading model", type="unavailable_error", headers={"Retry-After": "1"})
+    return state
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _n_ctx_train(model_path: str) -> int:
+    gguf = engine_api.GGUFFile(model_path)
+    value = gguf.get(f"{gguf.architecture}.context_length")
+    if not value:
+        raise ValueError(f"{model_path}: no {gguf.architecture}.context_length; pass -c explicitly")
+    return int(value)
+
+
+def engine_config(settings: ServerSettings, model_path: str) -> Any:
+    """EngineConfig for these settings (reads the GGUF header only when -c 0 needs n_ctx_train)."""
+    n_ctx_train = _n_ctx_train(model_path) if settings.ctx_size == 0 else 0
+    return engine_api.make_engine_config(
+        n_slots=settings.n_parallel,
+        n_ctx=settings.ctx_per_slot(n_ctx_train),
+        batch_size=settings.batch_size,
+        ubatch_size=settings.ubatch_size,
+        n_threads=settings.threads,
+        n_predict=settings.n_predict,
+        context_shift=settings.context_shift,
+        cache_reuse=settings.cache_reuse,
+        kv_dtype=settings.cache_type_k,
+        embeddings=settings.embeddings,
+    )
+
+
+def build_engine(settings: ServerSettings) -> Any:
+    """Blocking: resolve the model, size the context, build the engine (runs in a thread)."""
+    model_path = settings.model_path or str(engine_api.ensure_model())
+    return engine_api.build_async_engine(model_path, engine_config(settings, model_path))
+
+
+def make_chat_template(settings: ServerSettings, engine: Any) -> Any:
+    """The model's template, unless --chat-template (a built-in NAME or Jinja text) or
+    --chat-template-file overrides it."""
+    source = None
+    if settings.chat_template_file:
+        source = Path(settings.chat_template_file).read_text(encoding="utf-8")
+    info = engine.model_info
+    return engine_api.ChatTemplate.for_model(
+        info.metadata, engine.tokenizer, name=settings.chat_template, source=source
+    )
+
+
+def _show_progress(stop: threading.Event, label: str) -> None:
+    """A one-line elapsed-time indicator while the model loads (only on a terminal)."""
+    t0 = time.monotonic()
+    frames = "|/-\\"
+    i = 0
+    while not stop.wait(0.25):
+        sys.stderr.write(f"\r{frames[i % 4]} loading {label} ... {time.monotonic() - t0:5.1f}s ")
+        sys.stderr.flush()
+        i += 1
+    sys.stderr.write("\r" + " " * (len(label) + 30) + "\r")
+    sys.stderr.flush()
+
+
+def attach_engine(state: ServerState, engine: Any) -> None:
+    config = engine.config
+    state.n_ctx_slot = int(getattr(config, "n_ctx", 0))
+    state.model_name = state.settings.alias or Path(str(engine.model_info.path)).name
+    state.chat_template = make_chat_template(state.settings, engine)
+    state.engine = engine
+
+
+async def warm_up(engine: Any) -> None:
+    """Generate 2 tokens from a short prompt so the kernels are compiled (numba JIT) before
+    /health reports ready; the first real request is then as fast as the rest (llama-server
+    warms up too; --no-warmup skips it)."""
+    tokenizer = engine.tokenizer
+    prompt = tokenizer.encode("Hello", add_special=True, parse_special=False)
+    params = engine_api.make_generation_params(
+        engine_api.make_sampling_params(temperature=0.0), max_tokens=2, cache_prompt=False
+    )
+    async for _ in engine.generate(prompt, params):
+        pass
+
+
+async def _load_in_background(state: ServerState, on_load_failed: Callable[[str], None] | None) -> None:
+    settings = state.settings
+    label = Path(settings.model_path).name if settings.model_path else "the default model"
+    stop = threading.Event()
+    spinner = None
+    if sys.stderr.isatty():
+        spinner = threading.Thread(target=_show_progress, args=(stop, label), daemon=True)
+        spinner.start()
+    t0 = time.monotonic()
+    loop = asyncio.get_running_loop()
+    engine = None
+    try:
+        engine = await loop.run_in_executor(None, build_engine, settings)
+        start = getattr(engine, "start", None)
+        if start is not None:
+            result = start()
+            if asyncio.iscoroutine(result):
+                await result
+        if settings.warmup:
+            await warm_up(engine)
+        attach_engine(state, engine)
+    except Exception as exc:  # reported via /health and the callback; the server cannot work
+        state.load_error = str(exc) or type(exc).__name__
+        log.exception("failed to load the model")
+        if engine is not None and hasattr(engine, "shutdown"):
+            engine.shutdown()  # built, but unusable (e.g. a bad chat template)
+        if on_load_failed is not None:
+            on_load_failed(state.load_error)
+        return
+    finally:
+        stop.set()
+        if spinner is not None:
+            spinner.join()
+    log.info("model %s loaded in %.1f s; server is ready", state.model_name, time.monotonic() - t0)
+
+
+def create_app(
+    settings: ServerSettings,
+    engine: Any = None,
+    on_load_failed: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The app. With `engine` given (tests, embedding) it is used as is: the caller starts and
+    stops it. Without, the lifespan builds one from `settings` in the background."""
+    state = ServerState(settings=settings)
+    state.metrics = ServerMetrics(lambda: state.engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = None
+        if engine is not None:
+            attach_engine(state, engine)
+        else:
+            loader = asyncio.create_task(_load_in_background(state, on_load_failed))
+        try:
+            yield
+        finally:
+            if loader is not None:
+                loader.cancel()
+                if state.engine is not None:
+                    shutdown = getattr(state.engine, "shutdown", None)
+                    if shutdown is not None:
+                        result = shutdown()
+                        if asyncio.iscoroutine(result):
+                            await result
+
+    app = FastAPI(title="ggserve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.ggserve = state
+    install_error_handlers(app)
+    # llama-server answers any origin; Jan's tauri://localhost included. Credentials are allowed,
+    # so Starlette echoes the request's Origin instead of "*".
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origin_regex=".*",
+        allow_credentials=True,
+        allow_methods=["*"],
+        allow_headers=["*"],
+        expose_headers=["*"],
+        max_age=600,
+    )
+    from server.routes import register_routes
+
+    register_routes(app, settings)
+    return app

@@ -1,0 +1,179 @@
+"""One generation request as the routes drive it: start, iterate, collect, abort.
+
+Owns: `Generation` (wraps `engine.generate(...)`, whose refusals — busy, invalid — become
+400 / 503 before any response starts; records TTFT and inter-token latency; aborts the engine
+request whenever it is closed unfinished),
+`Completion` (the accumulated result of one request) and `collect` (drive a generation to the
+end while watching for a client disconnect).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+
+from server import engine_api
+from server.errors import APIError, context_exceeded
+
+DISCONNECT_POLL_SECONDS = 0.25
+RETRY_AFTER_SECONDS = "1"
+
+
+@dataclass
+class Completion:
+    """Everything a final response needs about one finished (or aborted) request."""
+
+    request_id: str
+    n_prompt_tokens: int
+    content: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # [((id, logprob), [(id, logprob), ...]), ...]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_type: str = "none"  # "eos" | "word" | "limit" | "none"
+    stopping_word: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    slot_id: int = -1
+    truncated: bool = False  # the context filled up (or was shifted) during the request
+
+    def add(self, out: Any) -> None:
+        self.content += out.new_text or ""
+        self.token_ids.extend(out.new_token_ids or ())
+        self.logprobs.extend(engine_api.read_logprobs(getattr(out, "logprobs", None)))
+        slot_id = getattr(out, "slot_id", None)
+        if slot_id is not None:
+            self.slot_id = int(slot_id)
+        if getattr(out, "truncated", False):
+            self.truncated = True
+        if getattr(out, "timings", None) is not None:
+            self.timings = engine_api.read_timings(out.timings)
+        if out.finish_reason is not None:
+            self.finish_reason = out.finish_reason
+            self.stop_type = getattr(out, "stop_type", None) or "none"
+            self.stopping_word = getattr(out, "stopping_word", None) or ""
+
+    @property
+    def n_cached_prompt_tokens(self) -> int:
+        return int(self.timings.get("cache_n", 0))
+
+    @property
+    def oai_finish_reason(self) -> str:
+        """OpenAI's view: a stop word or EOS is "stop", everything else "length"."""
+        return "stop" if self.stop_type in ("eos", "word") or self.finish_reason == "stop" else "length"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _as_api_error(exc: Exception) -> Exception:
+    """The engine's refusals as HTTP errors; anything else is passed on unchanged (-> 500)."""
+    if isinstance(exc, engine_api.EngineBusyError):
+        message = str(exc) or "the server is busy, try again later"
+        return APIError(503, message, headers={"Retry-After": RETRY_AFTER_SECONDS})
+    if isinstance(exc, ValueError):
+        n_prompt_tokens, n_ctx = getattr(exc, "n_prompt_tokens", None), getattr(exc, "n_ctx", None)
+        if n_prompt_tokens is not None and n_ctx is not None:  # the engine's PromptTooLongError
+            return context_exceeded(int(n_prompt_tokens), int(n_ctx))
+        return APIError(400, str(exc))
+    return exc
+
+
+class Generation:
+    """An engine request in flight. Use `await Generation.start(...)`, then iterate or `collect`."""
+
+    def __init__(self, engine: Any, request_id: str, iterator: AsyncIterator, metrics: Any, n_prompt: int):
+        self.engine = engine
+        self.request_id = request_id
+        self._iterator = iterator
+        self._metrics = metrics
+        self._t_start = time.perf_counter()
+        self._t_last_token: float | None = None
+        self.finished = False
+        self.completion = Completion(request_id=request_id, n_prompt_tokens=n_prompt)
+
+    @classmethod
+    async def start(cls, engine: Any, prompt_ids: list[int], params: Any, metrics: Any) -> "Generation":
+        """Submit the request. The engine refuses bad or unadmittable requests right here (before
+        any response starts), so they become a clean 400 / 503 and not a broken stream."""
+        request_id = new_request_id()
+        try:
+            iterator = engine.generate(prompt_ids, params, request_id=request_id)
+        except Exception as exc:
+            raise _as_api_error(exc) from None
+        return cls(engine, request_id, iterator.__aiter__(), metrics, len(prompt_ids))
+
+    async def _next_raw(self) -> Any:
+        try:
+            return await self._iterator.__anext__()
+        except StopAsyncIteration:
+            return None
+        except (engine_api.EngineBusyError, ValueError) as exc:  # refused late (lazy engines)
+            raise _as_api_error(exc) from None
+
+    def __aiter__(self) -> "Generation":
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self._next_raw()
+        if out is None:
+            self.finished = True
+            raise StopAsyncIteration
+        self._observe(out)
+        self.completion.add(out)
+        if out.finish_reason is not None or getattr(out, "is_finished", False):
+            self.finished = True
+            self._metrics.record_finished(self.completion)
+        return out
+
+    def _observe(self, out: Any) -> None:
+        if not out.new_token_ids:
+            return
+        now = time.perf_counter()
+        if self._t_last_token is None:
+            self._metrics.observe_ttft(now - self._t_start)
+        else:
+            per_token = (now - self._t_last_token) / len(out.new_token_ids)
+            for _ in out.new_token_ids:
+                self._metrics.observe_inter_token(per_token)
+        self._t_last_token = now
+
+    async def aclose(self) -> None:
+        """Abort the engine request if it is still running (client gone, error, cancel)."""
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+        close = getattr(self._iterator, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:  # an iterator that cannot close cleanly must not mask the cause
+                pass
+
+
+async def collect(gen: Generation, request: Request | None) -> Completion:
+    """Run `gen` to the end; if the client disconnects meanwhile, abort it."""
+
+    async def drain() -> None:
+        async for _ in gen:
+            pass
+
+    task = asyncio.ensure_future(drain())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                task.result()
+                return gen.completion
+            if request is not None and await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+        await gen.aclose()

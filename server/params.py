@@ -1,0 +1,229 @@
+"""Request fields -> the engine's GenerationParams / SamplingParams, llama-server semantics.
+
+Owns: which request field wins (n_predict > max_completion_tokens > max_tokens > -n flag),
+server-wide sampling defaults (CLI flags) under the request's own values, logit_bias in all
+of llama.cpp's shapes, stop strings, sampler order names, grammar / json_schema /
+response_format, and the `generation_settings` echo that responses and /props carry.
+Every bad value is a 400 `APIError` raised here, before any generation starts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from server import engine_api
+from server.errors import APIError, bad_request
+from server.protocol import SamplingFields
+from server.settings import ServerSettings
+
+# llama.cpp's sampler names (common_sampler_type_from_name) and one-letter codes
+SAMPLER_ALIASES = {
+    "dry": "dry", "top_k": "top_k", "top-k": "top_k", "typ_p": "typ_p", "typical_p": "typ_p",
+    "typ-p": "typ_p", "typical": "typ_p", "top_p": "top_p", "top-p": "top_p", "nucleus": "top_p",
+    "top_n_sigma": "top_n_sigma", "top-n-sigma": "top_n_sigma", "min_p": "min_p", "min-p": "min_p",
+    "temperature": "temperature", "temp": "temperature", "xtc": "xtc", "infill": "infill",
+    "penalties": "penalties",
+}
+SAMPLER_CHARS = {
+    "d": "dry", "k": "top_k", "y": "typ_p", "p": "top_p", "s": "top_n_sigma", "m": "min_p",
+    "t": "temperature", "x": "xtc", "i": "infill", "e": "penalties",
+}
+# request fields passed to SamplingParams under the same name when the client sets them
+PASSTHROUGH_SAMPLING = (
+    "typical_p", "top_n_sigma", "repeat_last_n", "presence_penalty", "frequency_penalty",
+    "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers",
+    "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent", "mirostat",
+    "mirostat_tau", "mirostat_eta", "min_keep",
+)
+
+
+@dataclass
+class PreparedParams:
+    generation: Any  # engine GenerationParams
+    settings_json: dict[str, Any]  # llama.cpp's `generation_settings` for the response
+    n_probs: int
+    stream: bool
+    include_usage: bool
+
+
+def resolve_n_predict(req: SamplingFields, settings: ServerSettings) -> int:
+    for value in (req.n_predict, req.max_completion_tokens, req.max_tokens):
+        if value is not None:
+            return value
+    return settings.n_predict
+
+
+def normalize_stop(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    words = [stop] if isinstance(stop, str) else stop
+    return [w for w in words if w]
+
+
+def normalize_samplers(samplers: list[str] | str | None) -> tuple[str, ...] | None:
+    if samplers is None:
+        return None
+    if isinstance(samplers, str):
+        unknown = [c for c in samplers if c not in SAMPLER_CHARS]
+        if unknown:
+            raise bad_request(f"unknown sampler code(s) {''.join(unknown)!r}", "samplers")
+        return tuple(SAMPLER_CHARS[c] for c in samplers)
+    names = []
+    for name in samplers:
+        key = name.strip().lower()
+        if key not in SAMPLER_ALIASES:
+            raise bad_request(f"unknown sampler {name!r}", "samplers")
+        names.append(SAMPLER_ALIASES[key])
+    return tuple(names)
+
+
+def _bias_value(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return -math.inf if value is False else None  # llama.cpp: false bans, true is ignored
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def normalize_logit_bias(logit_bias: Any, tokenizer: Any) -> dict[int, float]:
+    """{token_id: bias} from {"id": bias}, {"text": bias} or [[id|text, bias], ...]."""
+    if not logit_bias:
+        return {}
+    pairs = logit_bias.items() if isinstance(logit_bias, dict) else logit_bias
+    result: dict[int, float] = {}
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise bad_request("logit_bias entries must be [token, bias] pairs", "logit_bias")
+        key, value = pair
+        bias = _bias_value(value)
+        if bias is None:
+            continue
+        if isinstance(key, str) and key.lstrip("-").isdigit():
+            key = int(key)
+        if isinstance(key, int) and not isinstance(key, bool):
+            if not 0 <= key < tokenizer.n_vocab:
+                raise bad_request(f"logit_bias token id {key} is out of the vocabulary", "logit_bias")
+            result[key] = bias
+        elif isinstance(key, str):
+            for token_id in tokenizer.encode(key, add_special=False, parse_special=False):
+                result[token_id] = bias
+        else:
+            raise bad_request("logit_bias keys must be token ids or strings", "logit_bias")
+    return result
+
+
+def resolve_grammar(req: SamplingFields) -> tuple[str | None, dict | None]:
+    """(GBNF grammar, JSON schema) from grammar / json_schema / response_format, llama.cpp order."""
+    schema = req.json_schema
+    rf = req.response_format
+    if rf is not None and rf.type != "text":
+        if rf.type == "json_object":
+            schema = rf.schema_ if rf.schema_ is not None else {}
+        else:
+            wrapper = rf.json_schema or {}
+            schema = wrapper.get("schema", rf.schema_ if rf.schema_ is not None else {})
+            if not isinstance(schema, dict):
+                raise bad_request("response_format.json_schema.schema must be an object", "response_format")
+    if req.grammar is not None and schema is not None:
+        raise bad_request("give either grammar or a JSON schema, not both", "grammar")
+    return req.grammar, schema
+
+
+def _grammar_fields(grammar: str | None, schema: dict | None) -> dict[str, Any]:
+    """Express the constraint in whichever form this engine's SamplingParams accepts."""
+    if grammar is None and schema is None:
+        return {}
+    sp = engine_api.SamplingParams
+    if schema is not None:
+        if engine_api.json_schema_to_grammar is not None and engine_api.supports(sp, "grammar"):
+            try:
+                return {"grammar": engine_api.json_schema_to_grammar(schema)}
+            except ValueError as exc:
+                raise bad_request(f"json_schema: {exc}", "json_schema") from None
+        if engine_api.supports(sp, "json_schema"):
+            return {"json_schema": schema}
+    elif engine_api.supports(sp, "grammar"):
+        if engine_api.parse_grammar is not None:
+            try:
+                engine_api.parse_grammar(grammar)
+            except ValueError as exc:
+                raise bad_request(f"grammar: {exc}", "grammar") from None
+        return {"grammar": grammar}
+    raise APIError(501, "grammar / JSON-schema constrained sampling is not supported by this build")
+
+
+def build_params(
+    req: SamplingFields,
+    settings: ServerSettings,
+    tokenizer: Any,
+    n_slots: int,
+    n_probs: int | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> PreparedParams:
+    """Validate and convert; `n_probs` overrides the request's own (OpenAI logprobs fields)."""
+    defaults = defaults or {}
+    if req.id_slot >= n_slots:
+        raise bad_request(f"id_slot {req.id_slot} does not exist (the server has {n_slots} slots)", "id_slot")
+    if n_probs is None:
+        n_probs = req.n_probs or 0
+    if n_probs > tokenizer.n_vocab:
+        raise bad_request(f"n_probs must be <= {tokenizer.n_vocab}", "n_probs")
+    sampling = {
+        "temperature": req.temperature if req.temperature is not None else defaults.get("temperature", settings.temperature),
+        "top_k": req.top_k if req.top_k is not None else defaults.get("top_k", settings.top_k),
+        "top_p": req.top_p if req.top_p is not None else defaults.get("top_p", settings.top_p),
+        "min_p": req.min_p if req.min_p is not None else defaults.get("min_p", settings.min_p),
+        "repeat_penalty": req.repeat_penalty if req.repeat_penalty is not None
+        else defaults.get("repeat_penalty", settings.repeat_penalty),
+        "seed": req.seed if req.seed is not None else defaults.get("seed", settings.seed),
+        "n_probs": n_probs,
+        "logit_bias": normalize_logit_bias(req.logit_bias, tokenizer),
+        "ignore_eos": req.ignore_eos,
+    }
+    for name in PASSTHROUGH_SAMPLING:
+        value = getattr(req, name)
+        if value is not None:
+            sampling[name] = value
+    samplers = normalize_samplers(req.samplers)
+    if samplers is not None:
+        sampling["samplers"] = samplers
+    grammar, schema = resolve_grammar(req)
+    sampling.update(_grammar_fields(grammar, schema))
+    try:
+        sampling_params = engine_api.make_sampling_params(**sampling)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+    n_predict = resolve_n_predict(req, settings)
+    stop = normalize_stop(req.stop)
+    try:
+        generation = engine_api.make_generation_params(
+            sampling_params,
+            max_tokens=n_predict,
+            stop=stop,
+            ignore_eos=req.ignore_eos,
+            n_probs=n_probs,
+            cache_prompt=req.cache_prompt,
+            id_slot=req.id_slot,
+            n_keep=req.n_keep,
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+    settings_json = {
+        **{k: v for k, v in sampling.items() if k not in ("logit_bias", "samplers")},
+        "logit_bias": [{"token": t, "bias": b if math.isfinite(b) else None} for t, b in sampling["logit_bias"].items()],
+        "samplers": list(getattr(sampling_params, "samplers", None) or samplers or ()),
+        "n_predict": n_predict,
+        "max_tokens": n_predict,
+        "stop": stop,
+        "n_keep": req.n_keep,
+        "ignore_eos": req.ignore_eos,
+        "stream": req.stream,
+        "cache_prompt": req.cache_prompt,
+        "grammar": grammar or "",
+        "json_schema": schema,
+    }
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return PreparedParams(generation, settings_json, n_probs, req.stream, include_usage)

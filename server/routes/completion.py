@@ -1,0 +1,127 @@
+"""llama.cpp's native generation endpoints: POST /completion (+ /completions) and POST /infill.
+
+Owns: prompt handling for the native API (string, token ids, mixed, several prompts), and the
+native response shape, streamed (`data: {content, stop: false}` ... final `stop: true` object)
+or whole (one object, or a list for several prompts).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from server import formatting, prompts
+from server.app import ServerState, ready_state
+from server.errors import bad_request
+from server.generation import Generation, collect
+from server.params import PreparedParams, build_params, resolve_n_predict
+from server.protocol import CompletionRequest, InfillRequest, parse_body
+from server.streaming import sse_response
+
+router = APIRouter()
+
+
+def prepare(state: ServerState, req: Any, n_probs: int | None = None) -> PreparedParams:
+    return build_params(
+        req, state.settings, state.engine.tokenizer, state.n_slots, n_probs=n_probs, defaults=state.default_sampling
+    )
+
+
+async def tokenize_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
+    """Every prompt of the request as checked token ids (tokenizing runs off the event loop)."""
+    pieces_list = prompts.split_prompts(prompt)
+    tokenizer = state.engine.tokenizer
+
+    def work() -> list[list[int]]:
+        result = []
+        for pieces in pieces_list:
+            ids = prompts.tokenize_pieces(tokenizer, pieces)
+            prompts.check_fits(ids, state.n_ctx_slot)
+            result.append(ids)
+        return result
+
+    return await run_in_threadpool(work)
+
+
+async def start_all(state: ServerState, prompt_ids: list[list[int]], params: Any) -> list[Generation]:
+    gens: list[Generation] = []
+    try:
+        for ids in prompt_ids:
+            gens.append(await Generation.start(state.engine, ids, params, state.metrics))
+    except BaseException:
+        for g in gens:
+            await g.aclose()
+        raise
+    return gens
+
+
+async def native_response(
+    request: Request, state: ServerState, prompt_ids: list[list[int]], prepared: PreparedParams, return_tokens: bool
+):
+    tokenizer = state.engine.tokenizer
+    if prepared.stream and len(prompt_ids) > 1:
+        raise bad_request("streaming supports one prompt per request", "prompt")
+    gens = await start_all(state, prompt_ids, prepared.generation)
+    if not prepared.stream:
+        completions = await asyncio.gather(*(collect(g, request) for g in gens))
+        results = [
+            formatting.native_final(
+                c, state.model_name, prepared.settings_json, tokenizer,
+                stream=False, return_tokens=return_tokens, n_probs=prepared.n_probs, index=i,
+            )
+            for i, c in enumerate(completions)
+        ]
+        return JSONResponse(results[0] if len(results) == 1 else results)
+
+    gen = gens[0]
+
+    async def events():
+        async for out in gen:
+            if out.new_text or out.new_token_ids:
+                yield formatting.native_partial(
+                    out, gen.completion, tokenizer, return_tokens=return_tokens, n_probs=prepared.n_probs
+                )
+        yield formatting.native_final(
+            gen.completion, state.model_name, prepared.settings_json, tokenizer,
+            stream=True, return_tokens=return_tokens, n_probs=prepared.n_probs,
+        )
+
+    return sse_response(
+        events(), gen, ping_seconds=state.settings.sse_ping_seconds,
+        send_timeout=state.settings.timeout, done_marker=False,
+    )
+
+
+@router.post("/completion")
+@router.post("/completions")
+async def completion(request: Request, state: ServerState = Depends(ready_state)):
+    req = await parse_body(request, CompletionRequest)
+    prepared = prepare(state, req)
+    prompt_ids = await tokenize_prompts(state, req.prompt)
+    return await native_response(request, state, prompt_ids, prepared, req.return_tokens)
+
+
+@router.post("/infill")
+async def infill(request: Request, state: ServerState = Depends(ready_state)):
+    req = await parse_body(request, InfillRequest)
+    prepared = prepare(state, req)
+    tokenizer = state.engine.tokenizer
+    settings = state.settings
+
+    def work() -> list[int]:
+        prompt_pieces = prompts.split_prompts(req.prompt) if req.prompt not in ("", None) else [[]]
+        if len(prompt_pieces) != 1:
+            raise bad_request("/infill takes one prompt", "prompt")
+        prompt_ids = prompts.tokenize_pieces(tokenizer, prompt_pieces[0], add_special=False)
+        ids = prompts.infill_tokens(
+            tokenizer, req.input_prefix, req.input_suffix, req.input_extra, prompt_ids,
+            n_batch=settings.batch_size, n_ctx=state.n_ctx_slot, n_predict=resolve_n_predict(req, settings),
+        )
+        prompts.check_fits(ids, state.n_ctx_slot)
+        return ids
+
+    ids = await run_in_threadpool(work)
+    return await native_response(request, state, [ids], prepared, req.return_tokens)
