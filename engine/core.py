@@ -73,7 +73,7 @@ class EngineCore:
         self.scheduler = Scheduler(config, kv, add_bos=bool(getattr(tokenizer, "add_bos", False)), stats=self.stats_collector)
         eog_ids = frozenset(getattr(tokenizer, "eog_ids", frozenset()))
         self._vocab = None  # GrammarVocab, built on first use
-        self.runner = ModelRunner(model, eog_ids, batch_size=config.batch_size)
+        self.runner = ModelRunner(model, batch_size=config.batch_size)
         self._sampler_factory = sampler_factory or self._default_sampler_factory(model.n_vocab, eog_ids)
         self._detokenizer_factory = detokenizer_factory or self._default_detokenizer_factory()
 
@@ -138,7 +138,7 @@ class EngineCore:
             prompt_ids,
             params,
             sampler=self._sampler_factory(params),
-            stop_checker=StopChecker(self._detokenizer_factory(), params.stop, is_eog, params.bans_eos),
+            stop_checker=StopChecker(self._detokenizer_factory(), params.stop, is_eog, params.ignore_eos),
             arrival_time=arrival_time,
         )
         self.scheduler.add_request(request)

@@ -7,6 +7,8 @@ HTTP statuses (`PromptTooLongError` -> 400, `EngineBusyError` -> 503).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import enum
 import time
 import uuid
@@ -116,13 +118,12 @@ class GenerationParams:
             raise ValueError(f"n_keep must be >= -1 (-1 = keep the whole prompt), got {self.n_keep}")
         if not isinstance(self.sampling, SamplingParams):
             raise ValueError("sampling must be a SamplingParams")
-        self.ignore_eos = bool(self.ignore_eos)
+        self.ignore_eos = bool(self.ignore_eos) or bool(self.sampling.ignore_eos)
+        if self.ignore_eos and not self.sampling.ignore_eos:
+            # The sampler bans EOG through logit bias, as llama.cpp does, so the probabilities
+            # it reports are still those of the untouched model logits.
+            self.sampling = dataclasses.replace(self.sampling, ignore_eos=True)
         self.cache_prompt = bool(self.cache_prompt)
-
-    @property
-    def bans_eos(self) -> bool:
-        """ignore_eos may come on the request or inside its sampling params."""
-        return self.ignore_eos or bool(getattr(self.sampling, "ignore_eos", False))
 
     @property
     def logprobs_n(self) -> int:

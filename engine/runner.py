@@ -16,12 +16,10 @@ from engine.scheduler import SampledToken, SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: Any, eog_ids: frozenset[int] = frozenset(), batch_size: int = 2048):
+    def __init__(self, model: Any, batch_size: int = 2048):
         self.model = model
         self.kv_cache = model.kv_cache
         self.batch_size = batch_size
-        # ignore_eos = llama.cpp's logit bias of -inf on every end-of-generation token
-        self.eog_ids = np.array(sorted(eog_ids), dtype=np.int64)
 
     def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
         n = sched.num_tokens
@@ -63,9 +61,6 @@ class ModelRunner:
             for token_id in request.prompt_ids:
                 sampler.accept(token_id)
             request.prompt_accepted = True
-        if request.params.bans_eos and self.eog_ids.size:
-            logits = np.array(logits, dtype=np.float32, copy=True)
-            logits[self.eog_ids] = -np.inf
         token_id = int(sampler.sample(logits))
         n_probs = request.params.logprobs_n
         probs = None

@@ -177,10 +177,14 @@ class GreedySampler:
     n_vocab: int = N_VOCAB
     history: list[int] = field(default_factory=list)
     last_logits: np.ndarray | None = None
+    ignore_eos: bool = False  # like the real Sampler: EOS banned by a -inf bias
 
     def sample(self, logits: np.ndarray) -> int:
         self.last_logits = np.asarray(logits, dtype=np.float64)
-        token = int(np.argmax(logits))
+        biased = self.last_logits.copy()
+        if self.ignore_eos:
+            biased[EOS_ID] = -np.inf
+        token = int(np.argmax(biased))
         self.history.append(token)
         return token
 
@@ -206,7 +210,7 @@ def make_core(n_slots=2, n_ctx=64, batch_size=16, next_token_fn=hashed_next_toke
         model,
         tokenizer,
         cfg,
-        sampler_factory=lambda params: GreedySampler(),
+        sampler_factory=lambda params: GreedySampler(ignore_eos=params.sampling.ignore_eos),
         detokenizer_factory=lambda: FakeDetokenizer(tokenizer),
     )
 
