@@ -1,32 +1,230 @@
-"""TEMPORARY STUB (lead): replaced by the kernels helper. Same public API as the real module."""
+"""Quantized weight matrices and the fused dequantize-dot matmul: out = x @ W^T.
+
+Owns `QuantMatrix` (a W (m, k) kept as its raw GGML block bytes, usually a read-only view of
+the memory-mapped GGUF file: nothing is copied or repacked, so construction is O(1) and the
+process RSS holds the weights once), `matmul`, `matmul_multi` and `get_rows`.
+
+Two paths, chosen by the number of rows n of x:
+- n < BLAS_MIN_ROWS (decode, batched decode): one parallel region (OpenMP, see threads.py)
+  over row chunks of every matrix in the call; each chunk runs a fused per-type kernel that
+  streams the quantized blocks from memory once and dots them with ALL n rows of x (a group
+  of 4 weight rows stays in L1 while the x rows pass over it; Q5_0 even decodes each block
+  once for two x rows). Bitwise batch invariant: a row of the result does not depend on n or
+  on the other rows of x (see matmul_rows.py; tested for every type).
+- n >= BLAS_MIN_ROWS (prefill): W is decoded to f32 a tile of rows at a time (serial numba,
+  ~1-4 G values/s) and multiplied with numpy's BLAS sgemm. Faster for many rows, but sums in
+  another order, so results differ in the last bits from the fused path.
+Types with a fused kernel: Q8_0, Q5_0, Q4_K, Q6_K (everything Qwen2.5/Gemma3 Q4_K_M streams
+per token); all other types decode 4 rows into f32 scratch and dot those (rows_generic).
+"""
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange
+
+from kernels.matmul_krows import rows_q4_k, rows_q6_k
+from kernels.matmul_rows import rows_generic, rows_q5_0, rows_q5_0_x2, rows_q8_0
+from kernels.quant import (Q4_K, TYPE_NAMES, as_bytes, block_layout, deq_range, deq_rows_parallel,
+                           f16_table)
+
+BLAS_MIN_ROWS = 32  # n at which matmul switches from the fused kernels to tile dequant + sgemm
+_TASK_BYTES = 48 * 1024  # weight bytes per parallel task: small enough to balance 2 threads
+_TILE_BYTES = 32 * 1024 * 1024  # f32 bytes of one decoded tile on the BLAS path (transient)
 
 
 class QuantMatrix:
-    """A weight matrix W (m, k) stored in a GGML type as raw row-major block bytes."""
+    """A weight matrix W (m, k) in a GGML type, stored as its raw row-major block bytes."""
 
     def __init__(self, data: np.ndarray, ggml_type: int, m: int, k: int):
-        self.data, self.ggml_type, self.m, self.k = data, int(ggml_type), int(m), int(k)
+        self.ggml_type, self.m, self.k = int(ggml_type), int(m), int(k)
+        self.block_size, self.block_bytes = block_layout(self.ggml_type)
+        if self.m < 1 or self.k < 1 or self.k % self.block_size:
+            raise ValueError(f"{TYPE_NAMES[self.ggml_type]} matrix ({m}, {k}): k must be a positive "
+                             f"multiple of the block size {self.block_size}")
+        self.data = as_bytes(data)  # uint8 (m * row_bytes,) read-only view, never a copy of a C array
+        self.row_bytes = self.k // self.block_size * self.block_bytes
+        if self.data.size != self.m * self.row_bytes:
+            raise ValueError(f"{TYPE_NAMES[self.ggml_type]} matrix ({m}, {k}) needs "
+                             f"{self.m * self.row_bytes} bytes, got {self.data.size}")
+        rows = max(4, _TASK_BYTES // self.row_bytes // 4 * 4)
+        starts = np.arange(0, self.m, rows, dtype=np.int64)
+        # (T, 3): (slot in the call, first row, end row); slot is patched for matmul_multi
+        self.tasks = np.stack([np.zeros_like(starts), starts, np.minimum(starts + rows, self.m)], axis=1)
+        self._plans: dict[tuple, tuple] = {}  # matmul_multi groups starting with this matrix
 
-    def _f32(self) -> np.ndarray:
-        from gguf.quants import dequantize  # stub only: the oracle, never the hot path
-        from gguf.constants import GGMLQuantizationType
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.m, self.k)
 
-        return dequantize(self.data.reshape(self.m, -1), GGMLQuantizationType(self.ggml_type)).reshape(self.m, self.k)
+    @property
+    def nbytes(self) -> int:
+        return self.data.size
+
+    def dequantize(self) -> np.ndarray:
+        """W as f32 (m, k): debugging and tests only (a full f32 copy)."""
+        out = np.empty((self.m, self.k), np.float32)
+        deq_rows_parallel(self.ggml_type, self.data, f16_table(), 0, self.m, self.k // self.block_size,
+                          self.block_size, self.block_bytes, out)
+        return out
+
+    def __repr__(self) -> str:
+        return f"QuantMatrix({TYPE_NAMES[self.ggml_type]}, m={self.m}, k={self.k})"
+
+
+@njit(cache=True)
+def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xs, n, out, r0, r1, tmp):
+    # out (n, m) flat, rows [r0, r1) of W (m, k) <- x (n, k) flat
+    # Q5_0: n == 1 takes the single-x kernel (fastest decode), n >= 2 the two-x kernel, which
+    # decodes each block once for two x rows and computes the same bits per row (checked by
+    # tests/test_kernels_matmul.py). The other kernels run one x row per pass for every n.
+    if ggml_type == 8:
+        rows_q8_0(u8, lut, m, k, xf, n, out, r0, r1)
+    elif ggml_type == 6:
+        if n == 1:
+            rows_q5_0(u8, lut, m, k, xf, n, out, r0, r1)
+        else:
+            rows_q5_0_x2(u8, lut, m, k, xf, n, out, r0, r1)
+    elif ggml_type == 12:
+        rows_q4_k(u8, lut, m, k, xf, xs, n, out, r0, r1)
+    elif ggml_type == 14:
+        rows_q6_k(u8, lut, m, k, xf, n, out, r0, r1)
+    else:
+        rows_generic(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, n, out, r0, r1, tmp)
+
+
+@njit(cache=True, parallel=True)
+def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, xs, n):
+    # tasks (T, 3) = (slot, r0, r1); meta (3, 4) = (ggml_type, block_size, block_bytes, m) per slot
+    for t in prange(tasks.shape[0]):
+        s = tasks[t, 0]
+        ty = meta[s, 0]
+        fused = ty == 8 or ty == 6 or ty == 12 or ty == 14
+        tmp = np.empty(0 if fused else 4 * k, np.float32)  # decode scratch for rows_generic
+        if s == 0:
+            _rows(meta[0, 0], meta[0, 1], meta[0, 2], u0, lut, meta[0, 3], k, xf, xs, n, o0,
+                  tasks[t, 1], tasks[t, 2], tmp)
+        elif s == 1:
+            _rows(meta[1, 0], meta[1, 1], meta[1, 2], u1, lut, meta[1, 3], k, xf, xs, n, o1,
+                  tasks[t, 1], tasks[t, 2], tmp)
+        else:
+            _rows(meta[2, 0], meta[2, 1], meta[2, 2], u2, lut, meta[2, 3], k, xf, xs, n, o2,
+                  tasks[t, 1], tasks[t, 2], tmp)
+
+
+@njit(cache=True)
+def _block_sums(xf, n, k, xs):
+    # x (n, k) flat -> xs (n, k/32) flat: sums of each 32-element block (Q4_K minimums)
+    for j in range(n):
+        for b in range(k // 32):
+            s = np.float32(0.0)
+            for i in range(32):
+                s += xf[j * k + b * 32 + i]
+            xs[j * (k // 32) + b] = s
+
+
+def _check(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
+    if x.ndim != 2 or x.shape[1] != w.k or x.dtype != np.float32:
+        raise ValueError(f"x must be f32 (n, {w.k}), got {x.dtype} {x.shape}")
+    if out.shape != (x.shape[0], w.m) or out.dtype != np.float32:
+        raise ValueError(f"out must be f32 ({x.shape[0]}, {w.m}), got {out.dtype} {out.shape}")
+
+
+def _plan(ws: list[QuantMatrix]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(meta (3, 4), tasks (T, 3), needs x block sums) for one group of matrices, cached on the
+    first matrix: building them costs ~5 us, and decode repeats the same groups every step."""
+    key = tuple(ws[1:])
+    plan = ws[0]._plans.get(key)
+    if plan is None:
+        meta = np.zeros((3, 4), np.int64)
+        tasks = []
+        for s, w in enumerate(ws):
+            meta[s] = (w.ggml_type, w.block_size, w.block_bytes, w.m)
+            t = w.tasks.copy()
+            t[:, 0] = s
+            tasks.append(t)
+        plan = (meta, np.ascontiguousarray(np.concatenate(tasks)), any(w.ggml_type == Q4_K for w in ws))
+        ws[0]._plans[key] = plan
+    return plan
+
+
+def _fused(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None:
+    # x (n, k) @ W_i (m_i, k)^T -> out_i (n, m_i), up to 3 matrices in one parallel region
+    n, k = x.shape
+    xf = np.ascontiguousarray(x).reshape(-1)
+    flats = [o.reshape(-1) if o.flags.c_contiguous else np.empty(o.size, np.float32) for o in outs]
+    meta, tasks, needs_sums = _plan(ws)
+    if needs_sums:
+        xs = np.empty(n * (k // 32), np.float32)  # (n, k/32) sums of x blocks, for Q4_K mins
+        _block_sums(xf, n, k, xs)
+    else:
+        xs = np.empty(0, np.float32)
+    us = [w.data for w in ws]
+    while len(us) < 3:  # unused slots get any valid array of the same numba type
+        us.append(us[0])
+        flats.append(flats[0])
+    _run_tasks(tasks, meta, us[0], us[1], us[2], flats[0], flats[1], flats[2], f16_table(), k, xf, xs, n)
+    for o, f in zip(outs, flats):
+        if not o.flags.c_contiguous:
+            o[...] = f.reshape(o.shape)
+
+
+def _blas(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
+    # prefill: decode W to f32 a tile of rows at a time (the whole matrix when it fits
+    # _TILE_BYTES) and let numpy's sgemm do x @ tile^T. The decode is serial on purpose:
+    # measured, a numba parallel region between sgemm calls made OpenMP and OpenBLAS threads
+    # fight over the 2 cores (2.3x slower), while the serial decode is ~20% of the sgemm time.
+    rows = max(4, min(w.m, _TILE_BYTES // (4 * w.k)))
+    tile = np.empty((rows, w.k), np.float32)
+    bpr = w.k // w.block_size
+    lut = f16_table()
+    contiguous = out.flags.c_contiguous
+    for r0 in range(0, w.m, rows):
+        r1 = min(w.m, r0 + rows)
+        t = tile[: r1 - r0]
+        deq_range(w.ggml_type, w.data, lut, r0 * bpr, (r1 - r0) * bpr, w.block_size, w.block_bytes,
+                  tile.reshape(-1), 0)
+        if r1 - r0 == w.m and contiguous:
+            np.matmul(x, t.T, out=out)
+        else:
+            out[:, r0:r1] = x @ t.T
 
 
 def matmul(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
-    # x (n, k) @ W (m, k)^T -> out (n, m)
-    out[:] = x @ w._f32().T
+    """out (n, m) = x (n, k) @ W (m, k)^T, f32."""
+    _check(x, w, out)
+    if x.shape[0] >= BLAS_MIN_ROWS:
+        _blas(x, w, out)
+    elif x.shape[0] > 0:
+        _fused(x, [w], [out])
 
 
-def matmul_multi(x: np.ndarray, ws: list, outs: list) -> None:
+def matmul_multi(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None:
+    """out_i = x @ W_i^T for several matrices sharing x (QKV, gate/up) in one parallel region."""
+    if len(ws) != len(outs):
+        raise ValueError(f"{len(ws)} matrices but {len(outs)} outputs")
     for w, o in zip(ws, outs):
-        matmul(x, w, o)
+        _check(x, w, o)
+    if x.shape[0] >= BLAS_MIN_ROWS:
+        for w, o in zip(ws, outs):
+            _blas(x, w, o)
+        return
+    if x.shape[0] == 0:
+        return
+    for i in range(0, len(ws), 3):
+        _fused(x, list(ws[i:i + 3]), list(outs[i:i + 3]))
+
+
+@njit(cache=True)
+def _gather(ggml_type, u8, lut, ids, bpr, block_size, block_bytes, out):
+    for i in range(ids.shape[0]):
+        deq_range(ggml_type, u8, lut, ids[i] * bpr, bpr, block_size, block_bytes, out[i], 0)
 
 
 def get_rows(w: QuantMatrix, ids: np.ndarray, out: np.ndarray) -> None:
-    # W (m, k)[ids (n,)] -> out (n, k)
-    out[:] = w._f32()[ids]
+    """out (n, k) = W[ids] decoded to f32 (embedding lookup); IndexError on an id outside [0, m)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if out.shape != (ids.size, w.k) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous f32 ({ids.size}, {w.k}), got {out.dtype} {out.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= w.m):
+        raise IndexError(f"row id out of range [0, {w.m}): {ids.min()}..{ids.max()}")
+    _gather(w.ggml_type, w.data, f16_table(), ids, w.k // w.block_size, w.block_size, w.block_bytes, out)

@@ -1,9 +1,11 @@
 """The FastAPI application: factory, shared state, lifespan (background model loading), CORS.
 
 Owns: `create_app(settings, engine=None)`; `ServerState` (settings, engine once loaded, chat
-template, per-slot context, metrics); the lifespan that builds the engine in a worker thread
-so /health can answer 503 "Loading model" meanwhile; and `ready_state`, the dependency every
-model-backed route uses to get the loaded state (or a 503).
+template, per-slot context, metrics, drain state); the lifespan that builds the engine in a
+worker thread so /health can answer 503 "Loading model" meanwhile, and shuts it down at exit;
+the middleware stack (access log outermost, then CORS, then the drain gate, so even a 503
+"shutting down" carries CORS headers and gets an access line); and `ready_state`, the
+dependency every model-backed route uses to get the loaded state (or a 503).
 """
 from __future__ import annotations
 
@@ -21,9 +23,12 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from server import engine_api
+from server.access_log import AccessLogMiddleware
 from server.errors import APIError, install_error_handlers
 from server.metrics import ServerMetrics
+from server.served_engine import ServedEngine
 from server.settings import ServerSettings
+from server.shutdown import DrainGate, DrainState
 
 log = logging.getLogger("ggserve.server")
 
@@ -39,10 +44,15 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
     default_sampling: dict[str, Any] = field(default_factory=dict)  # POST /props can change these
     metrics: ServerMetrics | None = None
+    drain: DrainState = field(default_factory=DrainState)  # SIGTERM handling (server/shutdown.py)
 
     @property
     def ready(self) -> bool:
         return self.engine is not None and self.chat_template is not None
+
+    def abort_running(self) -> int:
+        """Abort every running generation (a shutdown out of time); returns how many."""
+        return self.engine.abort_running() if self.engine is not None else 0
 
     @property
     def n_slots(self) -> int:
@@ -122,7 +132,7 @@ def attach_engine(state: ServerState, engine: Any) -> None:
     state.n_ctx_slot = int(getattr(config, "n_ctx", 0))
     state.model_name = state.settings.alias or Path(str(engine.model_info.path)).name
     state.chat_template = make_chat_template(state.settings, engine)
-    state.engine = engine
+    state.engine = ServedEngine(engine)  # token counts for the access log; abort on shutdown
 
 
 async def warm_up(engine: Any) -> None:
@@ -143,7 +153,7 @@ async def _load_in_background(state: ServerState, on_load_failed: Callable[[str]
     label = Path(settings.model_path).name if settings.model_path else "the default model"
     stop = threading.Event()
     spinner = None
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and settings.log_format == "text":  # JSON logs: every line is JSON
         spinner = threading.Thread(target=_show_progress, args=(stop, label), daemon=True)
         spinner.start()
     t0 = time.monotonic()
@@ -159,11 +169,15 @@ async def _load_in_background(state: ServerState, on_load_failed: Callable[[str]
         if settings.warmup:
             await warm_up(engine)
         attach_engine(state, engine)
+    except asyncio.CancelledError:  # shut down while loading: a started engine must stop too
+        if engine is not None:
+            await _shutdown_engine(engine)
+        raise
     except Exception as exc:  # reported via /health and the callback; the server cannot work
         state.load_error = str(exc) or type(exc).__name__
         log.exception("failed to load the model")
-        if engine is not None and hasattr(engine, "shutdown"):
-            engine.shutdown()  # built, but unusable (e.g. a bad chat template)
+        if engine is not None:
+            await _shutdown_engine(engine)  # built, but unusable (e.g. a bad chat template)
         if on_load_failed is not None:
             on_load_failed(state.load_error)
         return
@@ -174,6 +188,14 @@ async def _load_in_background(state: ServerState, on_load_failed: Callable[[str]
     log.info("model %s loaded in %.1f s; server is ready", state.model_name, time.monotonic() - t0)
 
 
+async def _shutdown_engine(engine: Any) -> None:
+    shutdown = getattr(engine, "shutdown", None)
+    if shutdown is not None:
+        result = shutdown()
+        if asyncio.iscoroutine(result):
+            await result
+
+
 def create_app(
     settings: ServerSettings,
     engine: Any = None,
@@ -181,7 +203,7 @@ def create_app(
 ) -> FastAPI:
     """The app. With `engine` given (tests, embedding) it is used as is: the caller starts and
     stops it. Without, the lifespan builds one from `settings` in the background."""
-    state = ServerState(settings=settings)
+    state = ServerState(settings=settings, drain=DrainState(timeout=float(settings.timeout)))
     state.metrics = ServerMetrics(lambda: state.engine)
 
     @asynccontextmanager
@@ -194,18 +216,21 @@ def create_app(
         try:
             yield
         finally:
-            if loader is not None:
+            if loader is not None:  # we built the engine, so we stop it (a given one: its owner)
                 loader.cancel()
+                try:
+                    await loader  # its cleanup stops an engine that was still warming up
+                except asyncio.CancelledError:
+                    pass
                 if state.engine is not None:
-                    shutdown = getattr(state.engine, "shutdown", None)
-                    if shutdown is not None:
-                        result = shutdown()
-                        if asyncio.iscoroutine(result):
-                            await result
+                    log.info("stopping the engine")
+                    await _shutdown_engine(state.engine)
 
     app = FastAPI(title="ggserve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.ggserve = state
     install_error_handlers(app)
+    # add_middleware wraps: the first added is innermost
+    app.add_middleware(DrainGate, drain=state.drain)
     # llama-server answers any origin; Jan's tauri://localhost included. Credentials are allowed,
     # so Starlette echoes the request's Origin instead of "*".
     app.add_middleware(
@@ -217,6 +242,7 @@ def create_app(
         expose_headers=["*"],
         max_age=600,
     )
+    app.add_middleware(AccessLogMiddleware)
     from server.routes import register_routes
 
     register_routes(app, settings)

@@ -2,14 +2,14 @@
 
 Owns: the option table (flag spellings, LLAMA_ARG_* variables as in llama.cpp's common/arg.cpp,
 the ServerSettings field each one sets), merging with precedence CLI > environment > TOML
-(--config FILE) > defaults, resolving the default model, and running uvicorn.
+(--config FILE) > defaults, resolving the default model, and running the server (uvicorn with
+server/shutdown.py's signal handling: SIGTERM/SIGINT drain running requests, then exit 0).
 Usage errors (unknown flag, bad value, bad config) exit with status 2; a model that cannot be
 found or loaded exits with status 1.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from server.logging_setup import configure_logging
 from server.settings import SETTING_NAMES, ServerSettings
 
 TRUE_WORDS = ("1", "true", "on", "enabled", "yes")
@@ -74,7 +75,7 @@ OPTIONS = (
     Option(("-s", "--seed"), "seed", "int", "default RNG seed (-1 = random)"),
     Option(("--cache-reuse",), "cache_reuse", "int", "min chunk size to reuse from the cache via KV shifting",
            ("LLAMA_ARG_CACHE_REUSE",)),
-    Option(("-to", "--timeout"), "timeout", "int", "server read/write timeout in seconds", ("LLAMA_ARG_TIMEOUT",)),
+    Option(("-to", "--timeout"), "timeout", "int", "server read/write timeout in seconds; also how long a shutdown waits for running requests", ("LLAMA_ARG_TIMEOUT",)),
     Option(("--no-webui",), "webui", "false", "do not serve the web chat page at /", ("LLAMA_ARG_NO_WEBUI",)),
     Option(("-ctk", "--cache-type-k"), "cache_type_k", "str", "KV cache data type for K",
            ("LLAMA_ARG_CACHE_TYPE_K",)),
@@ -216,26 +217,6 @@ def resolve_settings(argv: list[str], environ: dict[str, str] | None = None) -> 
         raise UsageError(str(exc)) from None
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"timestamp": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(settings: ServerSettings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if settings.verbose else logging.INFO)
-
-
 def _fail(message: str, code: int) -> int:
     print(f"ggserve: error: {message}", file=sys.stderr)
     return code
@@ -247,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = resolve_settings(argv)
     except UsageError as exc:
         return _fail(str(exc), 2)
-    configure_logging(settings)
+    configure_logging(verbose=settings.verbose, log_format=settings.log_format)
     if settings.threads > 0:
         # numba reads this when it is first imported (by the engine, below)
         os.environ.setdefault("NUMBA_NUM_THREADS", str(settings.threads))
@@ -272,27 +253,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: ServerSettings, create_app: Callable) -> int:
-    import uvicorn
+    """Run uvicorn until a signal (server/shutdown.py drains first) or a model load failure.
+    Exit status: 0 after a signal, 1 when the model failed to load."""
+    from server.shutdown import make_server
 
     exit_code = {"value": 0}
     server_box: dict[str, Any] = {}
+    log = logging.getLogger("ggserve.server")
 
     def on_load_failed(message: str) -> None:
         exit_code["value"] = 1
-        print(f"ggserve: error: failed to load the model: {message}", file=sys.stderr)
+        if settings.log_format == "text":  # in JSON mode the loader's log record says it
+            print(f"ggserve: error: failed to load the model: {message}", file=sys.stderr)
         if "server" in server_box:
             server_box["server"].should_exit = True
 
     app = create_app(settings, on_load_failed=on_load_failed)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None,
+    state = app.state.ggserve
+    server = make_server(
+        app, state.drain, state.abort_running, host=settings.host, port=settings.port,
         log_level="debug" if settings.verbose else "warning",
-        timeout_keep_alive=min(settings.timeout, 75), access_log=settings.verbose,
+        timeout_keep_alive=min(settings.timeout, 75),
     )
-    server = uvicorn.Server(config)
     server_box["server"] = server
-    logging.getLogger("ggserve.server").info(
-        "listening on http://%s:%d (model %s)", settings.host, settings.port, settings.model_path
-    )
+    log.info("listening on http://%s:%d (model %s)", settings.host, settings.port, settings.model_path)
     server.run()
+    log.info("stopped")
     return exit_code["value"]

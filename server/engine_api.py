@@ -81,6 +81,13 @@ def make_generation_params(sampling, **values: Any):
     return _build(GenerationParams, {**values, "sampling": sampling})
 
 
+def replace_sampling(generation, **changes: Any):
+    """A copy of GenerationParams `generation` whose SamplingParams has `changes` applied
+    (re-validated by SamplingParams itself; ValueError passes up)."""
+    sampling = dataclasses.replace(generation.sampling, **changes)
+    return dataclasses.replace(generation, sampling=sampling)
+
+
 def make_engine_config(**values: Any):
     if EngineConfig is None:
         raise RuntimeError("the engine does not export EngineConfig yet")

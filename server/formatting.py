@@ -143,30 +143,54 @@ def _envelope(object_name: str, oai_id: str, model: str, created: int) -> dict[s
     }
 
 
-def chat_final(
-    c: Completion, oai_id: str, model: str, tokenizer: Any, n_probs: int, message: dict[str, Any]
-) -> dict[str, Any]:
+def usage_json_many(completions: list[Completion], n_choices: int = 1) -> dict[str, Any]:
+    """Usage of a request with several choices (and prompts): the completion tokens of every
+    choice, each prompt counted once (its `n_choices` choices share it)."""
+    per_prompt = completions[::n_choices]
+    n_predicted = sum(len(c.token_ids) for c in completions)
+    n_prompt = sum(c.n_prompt_tokens for c in per_prompt)
+    return {
+        "completion_tokens": n_predicted,
+        "prompt_tokens": n_prompt,
+        "total_tokens": n_predicted + n_prompt,
+        "prompt_tokens_details": {"cached_tokens": sum(c.n_cached_prompt_tokens for c in per_prompt)},
+    }
+
+
+def chat_finish_reason(c: Completion, has_tool_calls: bool) -> str:
     finish_reason = c.oai_finish_reason
-    if finish_reason == "stop" and message.get("tool_calls"):
-        finish_reason = "tool_calls"
-    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
+    return "tool_calls" if finish_reason == "stop" and has_tool_calls else finish_reason
+
+
+def chat_choice(
+    index: int, c: Completion, message: dict[str, Any], tokenizer: Any, n_probs: int
+) -> dict[str, Any]:
+    finish_reason = chat_finish_reason(c, bool(message.get("tool_calls")))
+    choice: dict[str, Any] = {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
     if n_probs > 0:
         choice["logprobs"] = {"content": probs_json(tokenizer, c.logprobs)}
+    return choice
+
+
+def chat_completion(
+    oai_id: str, model: str, choices: list[dict[str, Any]], completions: list[Completion]
+) -> dict[str, Any]:
+    """`chat.completion`; timings are those of the first choice (llama.cpp has one per request)."""
     return {
         **_envelope("chat.completion", oai_id, model, int(time.time())),
-        "choices": [choice],
-        "usage": usage_json(c),
-        "timings": timings_json(c.timings),
+        "choices": choices,
+        "usage": usage_json_many(completions, len(completions)),
+        "timings": timings_json(completions[0].timings),
     }
 
 
 def chat_chunk(
     oai_id: str, model: str, created: int, delta: dict[str, Any] | None, finish_reason: str | None = None,
-    logprobs: list | None = None,
+    logprobs: list | None = None, index: int = 0,
 ) -> dict[str, Any]:
     if delta is None:  # usage-only chunk: OpenAI sends an empty choices list
         return {**_envelope("chat.completion.chunk", oai_id, model, created), "choices": []}
-    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
     if logprobs is not None:
         choice["logprobs"] = {"content": logprobs}
     return {**_envelope("chat.completion.chunk", oai_id, model, created), "choices": [choice]}

@@ -4,7 +4,8 @@ Owns: `Generation` (wraps `engine.generate(...)`, whose refusals — busy, inval
 400 / 503 before any response starts; records TTFT and inter-token latency; aborts the engine
 request whenever it is closed unfinished),
 `Completion` (the accumulated result of one request) and `collect` (drive a generation to the
-end while watching for a client disconnect).
+end while watching for a client disconnect); for requests with several choices / prompts:
+`start_many`, `collect_all` and `merge` (interleave several streams as their outputs arrive).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import Request
 
@@ -177,3 +178,56 @@ async def collect(gen: Generation, request: Request | None) -> Completion:
         if not task.done():
             task.cancel()
         await gen.aclose()
+
+
+async def start_many(engine: Any, jobs: Sequence[tuple[list[int], Any]], metrics: Any) -> list[Generation]:
+    """Start one generation per (prompt_ids, params); if any is refused, abort the started ones."""
+    gens: list[Generation] = []
+    try:
+        for prompt_ids, params in jobs:
+            gens.append(await Generation.start(engine, prompt_ids, params, metrics))
+    except BaseException:
+        await close_all(gens)
+        raise
+    return gens
+
+
+async def close_all(gens: Sequence[Generation]) -> None:
+    for gen in gens:
+        await gen.aclose()
+
+
+async def collect_all(gens: Sequence[Generation], request: Request | None) -> list[Completion]:
+    """Run every generation to the end, concurrently; any failure aborts them all."""
+    try:
+        return list(await asyncio.gather(*(collect(g, request) for g in gens)))
+    finally:
+        await close_all(gens)
+
+
+async def merge(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, Any]]:
+    """(index, output) from all generations in arrival order; (index, None) when generation
+    `index` has finished. An error in one ends the merge (the caller closes the generations)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, gen: Generation) -> None:
+        try:
+            async for out in gen:
+                queue.put_nowait((index, out, None))
+            queue.put_nowait((index, None, None))
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            queue.put_nowait((index, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, out, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if out is None:
+                remaining -= 1
+            yield index, out
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -38,6 +38,9 @@ PASSTHROUGH_SAMPLING = (
 )
 
 
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED (== -1 as uint32): a fresh random seed
+
+
 @dataclass
 class PreparedParams:
     generation: Any  # engine GenerationParams
@@ -227,3 +230,33 @@ def build_params(
     }
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return PreparedParams(generation, settings_json, n_probs, req.stream, include_usage)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of an n > 1 request: choice 0 keeps the request's seed (so it
+    equals the n = 1 answer), choice i uses seed + i (mod 2^32 - 1, never the "random" value),
+    so the choices differ from each other and a repeated request repeats all of them. A random
+    seed (-1) stays random: every choice's sampler then draws its own."""
+    seed32 = seed & 0xFFFFFFFF
+    if index == 0 or seed32 == RANDOM_SEED:
+        return seed
+    return (seed32 + index) % RANDOM_SEED
+
+
+def choice_params(generation: Any, index: int) -> Any:
+    """GenerationParams for choice `index` (its own sampling stream; see choice_seed)."""
+    seed = generation.sampling.seed
+    derived = choice_seed(seed, index)
+    return generation if derived == seed else engine_api.replace_sampling(generation, seed=derived)
+
+
+def with_grammar(prepared: PreparedParams, grammar: str) -> PreparedParams:
+    """`prepared` constrained by `grammar` (the tool-call grammar of tool_choice required)."""
+    if not engine_api.supports(engine_api.SamplingParams, "grammar"):
+        raise APIError(501, "grammar-constrained sampling (needed for this tool_choice) is not supported by this build")
+    try:
+        generation = engine_api.replace_sampling(prepared.generation, grammar=grammar)
+    except ValueError as exc:  # a tool schema produced a grammar the engine refuses
+        raise bad_request(f"tools: {exc}", "tools") from None
+    settings_json = {**prepared.settings_json, "grammar": grammar}
+    return PreparedParams(generation, settings_json, prepared.n_probs, prepared.stream, prepared.include_usage)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from server.errors import APIError, _describe_validation
 
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 128
 
 
 class _Body(BaseModel):
@@ -75,13 +76,9 @@ class SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     model: str | None = None
-    n: int = Field(default=1, ge=1)
-
-    @model_validator(mode="after")
-    def _only_one_completion(self):
-        if self.n != 1:
-            raise ValueError("n > 1 is not supported; send one request per completion")
-        return self
+    # choices per prompt (OpenAI endpoints; each is its own engine request, queued when the
+    # slots are busy); OpenAI's own limit
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
 
 
 class CompletionRequest(SamplingFields):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.errors import APIError
-from server.generation import Generation
+from server.generation import Generation, close_all
 
 log = logging.getLogger("ggserve.server")
 
@@ -29,9 +29,12 @@ def _ping() -> ServerSentEvent:
 
 
 def sse_response(
-    events: AsyncIterator[Any], gen: Generation, *, ping_seconds: float, send_timeout: float, done_marker: bool
+    events: AsyncIterator[Any], gen: Generation | Sequence[Generation], *, ping_seconds: float, send_timeout: float,
+    done_marker: bool,
 ) -> EventSourceResponse:
-    """Stream `events` (dicts become JSON `data:` lines); always closes `gen` at the end."""
+    """Stream `events` (dicts become JSON `data:` lines); always closes `gen` (or every
+    generation of a list: the choices of an n > 1 request) at the end."""
+    gens = [gen] if isinstance(gen, Generation) else list(gen)
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -42,10 +45,16 @@ def sse_response(
         except APIError as exc:
             yield dumps(exc.body())
         except Exception:  # the status line is already sent: report in-band, log the traceback
-            log.exception("error while streaming request %s", gen.request_id)
+            log.exception("error while streaming request %s", ",".join(g.request_id for g in gens))
             yield dumps(APIError(500, "internal server error").body())
         finally:
-            await gen.aclose()
+            close = getattr(events, "aclose", None)
+            if close is not None:  # stop the event source first (e.g. a merge's pump tasks)
+                try:
+                    await close()
+                except Exception:  # closing must not mask the cause
+                    pass
+            await close_all(gens)
 
     return EventSourceResponse(
         body(),

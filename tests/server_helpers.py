@@ -1,9 +1,19 @@
-"""Shared helpers for the server tests: an app over the fake engine, and SSE parsing."""
+"""Shared helpers for the server tests: an app over the fake engine, SSE parsing, and the real
+server process (`python -m server -m <model> ...`) for the slow black-box tests."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
+import httpx
+import pytest
 from starlette.testclient import TestClient
 
 from server.app import create_app
@@ -35,3 +45,45 @@ def sse_json(text: str) -> list[dict]:
 
 
 CHAT = [{"role": "user", "content": "Say hello"}]
+
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT = float(os.environ.get("GGSERVE_TEST_STARTUP_TIMEOUT", "900"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model_path: Path, log_dir: Path, *args: str) -> Iterator[str]:
+    """Start the real server on a free port with `args`, wait for /health, yield its base URL,
+    stop it afterwards. The server's output goes to log_dir/server.log (shown on failure)."""
+    port = free_port()
+    log_path = log_dir / "server.log"
+    cmd = [sys.executable, "-m", "server", "-m", str(model_path), "--port", str(port), *args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after {STARTUP_TIMEOUT}s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -8,59 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.server_helpers import running_server
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT = float(os.environ.get("GGSERVE_TEST_STARTUP_TIMEOUT", "900"))
 MESSAGES = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def base_url(qwen_path, tmp_path_factory):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "server", "-m", str(qwen_path), "--port", str(port), "-np", "4",
-           "-c", "8192", "--metrics", "--embeddings", "-a", "qwen-test"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {STARTUP_TIMEOUT}s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+    log_dir = tmp_path_factory.mktemp("server")
+    with running_server(qwen_path, log_dir, "-np", "4", "-c", "8192", "--metrics", "--embeddings",
+                        "-a", "qwen-test") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -1,1 +1,9 @@
-"""Model architectures built from kernel calls; differences between families are config flags."""
+"""Model architectures built from kernel calls; differences between families are config flags.
+
+Exports `load_model(g, n_slots, n_ctx, kv_dtype)`, `Model` (forward over a flat mixed batch),
+`ModelConfig` (hyperparameters from GGUF metadata) and `SUPPORTED_ARCHITECTURES`.
+"""
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .model import Model, load_model
+
+__all__ = ["Model", "ModelConfig", "SUPPORTED_ARCHITECTURES", "load_model"]

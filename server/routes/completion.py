@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from server import formatting, prompts
 from server.app import ServerState, ready_state
 from server.errors import bad_request
-from server.generation import Generation, collect
+from server.generation import Generation, collect, start_many
 from server.params import PreparedParams, build_params, resolve_n_predict
 from server.protocol import CompletionRequest, InfillRequest, parse_body
 from server.streaming import sse_response
@@ -47,15 +47,14 @@ async def tokenize_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
 
 
 async def start_all(state: ServerState, prompt_ids: list[list[int]], params: Any) -> list[Generation]:
-    gens: list[Generation] = []
-    try:
-        for ids in prompt_ids:
-            gens.append(await Generation.start(state.engine, ids, params, state.metrics))
-    except BaseException:
-        for g in gens:
-            await g.aclose()
-        raise
-    return gens
+    return await start_many(state.engine, [(ids, params) for ids in prompt_ids], state.metrics)
+
+
+def check_single_choice(req: Any) -> None:
+    """The native endpoints answer one completion per prompt (as llama-server); `n` is an
+    OpenAI-endpoint feature here, so n > 1 is refused rather than silently ignored."""
+    if req.n != 1:
+        raise bad_request("n > 1 is supported on /v1/completions and /v1/chat/completions only", "n")
 
 
 async def native_response(
@@ -99,6 +98,7 @@ async def native_response(
 @router.post("/completions")
 async def completion(request: Request, state: ServerState = Depends(ready_state)):
     req = await parse_body(request, CompletionRequest)
+    check_single_choice(req)
     prepared = prepare(state, req)
     prompt_ids = await tokenize_prompts(state, req.prompt)
     return await native_response(request, state, prompt_ids, prepared, req.return_tokens)
@@ -107,6 +107,7 @@ async def completion(request: Request, state: ServerState = Depends(ready_state)
 @router.post("/infill")
 async def infill(request: Request, state: ServerState = Depends(ready_state)):
     req = await parse_body(request, InfillRequest)
+    check_single_choice(req)
     prepared = prepare(state, req)
     tokenizer = state.engine.tokenizer
     settings = state.settings

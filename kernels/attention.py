@@ -1,0 +1,194 @@
+"""Causal self-attention of a flat batch of query rows over per-slot K/V caches.
+
+Owns: the attention kernel (scaled dot product, causal by position, grouped-query heads,
+optional sliding window), `store_kv` (writing a batch's K/V rows into the cache, rounding to
+float16 exactly like numpy / ggml: nearest even), and the f16-bits <-> f32 row converters.
+
+The cache is the model's 5-D array (n_slots, n_layers, n_ctx, n_kv_heads, head_dim), passed whole
+with the layer index so no strided view is built per call. Cell t of a slot holds the key of
+position t. A float16 cache is passed as its uint16 bit pattern (numba has no float16 on CPU);
+a float32 cache is passed as is; both compile from the same source through `load_row`.
+
+Work is split over (query row, kv head) pairs: all query heads that share a kv head are done
+together, so each cached K/V row is loaded (and converted) once per query row.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import get_num_threads, njit, prange, types
+from numba.extending import overload
+
+def load_row(src, dst):
+    """dst (d,) f32 <- src (d,) as float32 (src is float32, or float16 bit patterns as uint16)."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(load_row, inline="always")
+def _load_row_overload(src, dst):
+    if isinstance(src.dtype, types.Integer):
+
+        def load_f16_bits(src, dst):
+            # Rebias the f16 exponent by shifting the bits into an f32's position and
+            # multiplying by 2^112: exact for normals and subnormals, no branches.
+            bits = dst.view(np.uint32)
+            for j in range(src.shape[0]):
+                h = np.uint32(src[j])
+                bits[j] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
+            for j in range(src.shape[0]):
+                dst[j] = dst[j] * np.float32(5.192296858534828e33)  # 2^112
+
+        return load_f16_bits
+
+    def load_f32(src, dst):
+        for j in range(src.shape[0]):
+            dst[j] = src[j]
+
+    return load_f32
+
+
+# Below this many multiply-adds a call runs on the calling thread: a parallel region costs
+# microseconds to launch and much more when the cores are busy, which is most decode steps.
+SERIAL_WORK_LIMIT = 1 << 21  # ~0.2 ms of serial work
+
+
+def attention(q, k_cache, v_cache, layer, slot_ids, positions, scale, window, out):
+    """out (n, n_heads, value_dim) = softmax(q K^T * scale) V over each row's slot cache."""
+    # q (n, n_heads, head_dim) f32; k_cache (n_slots, n_layers, n_ctx, n_kv_heads, head_dim) and
+    # v_cache (..., n_kv_heads, value_dim), f32 or f16-bits uint16; slot_ids, positions (n,) int32
+    # -> out (n, n_heads, value_dim) f32.
+    # Row i attends to cells [start, positions[i]] of slot slot_ids[i] in `layer`, where
+    # start = 0, or positions[i] - window + 1 when window > 0 (sliding-window layers).
+    # Query head h reads kv head h // (n_heads / n_kv_heads), as ggml broadcasts.
+    n, n_heads, head_dim = q.shape
+    if n == 0:
+        return
+    max_len = int(positions.max()) + 1
+    if 0 < window < max_len:
+        max_len = window
+    work = n * n_heads * max_len * (head_dim + v_cache.shape[4])
+    if work < SERIAL_WORK_LIMIT:
+        args = (q, k_cache, v_cache, layer, slot_ids, positions, np.float32(scale), window, out, max_len, 1)
+        _attend_tasks(*args, 0, n * k_cache.shape[3])
+        return
+    # get_num_threads() inside a compiled kernel would make it uncachable (dynamic global)
+    n_threads = get_num_threads()
+    group = n_heads // k_cache.shape[3]
+    # Too few (row, kv head) tasks for the threads (a decode row of a model with 1-2 kv heads):
+    # split each task's query heads too; each part then converts the shared K/V rows itself.
+    n_splits = 1
+    while n * k_cache.shape[3] * n_splits < n_threads and n_splits < group and group % (2 * n_splits) == 0:
+        n_splits *= 2
+    args = (q, k_cache, v_cache, layer, slot_ids, positions, np.float32(scale), window, out, max_len, n_splits)
+    _attention_parallel(*args, 4 * n_threads)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _attention_parallel(q, k_cache, v_cache, layer, slot_ids, positions, scale, window, out, max_len, n_splits,
+                        n_chunks):
+    # the (row, kv head, head split) tasks cut into n_chunks contiguous ranges, one per iteration
+    n_tasks = q.shape[0] * k_cache.shape[3] * n_splits
+    n_chunks = min(n_tasks, n_chunks)
+    for c in prange(n_chunks):
+        _attend_tasks(q, k_cache, v_cache, layer, slot_ids, positions, scale, window, out, max_len, n_splits,
+                      c * n_tasks // n_chunks, (c + 1) * n_tasks // n_chunks)
+
+
+@njit(fastmath=True, cache=True)
+def _attend_tasks(q, k_cache, v_cache, layer, slot_ids, positions, scale, window, out, max_len, n_splits,
+                  task_begin, task_end):
+    # tasks task_begin..task_end-1; task = (row * n_kv_heads + kv_head) * n_splits + split, where a
+    # split covers group / n_splits of the query heads sharing kv_head; max_len bounds any row's span
+    n, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[3]
+    value_dim = v_cache.shape[4]
+    group = n_heads // n_kv_heads // n_splits  # query heads per task
+    scores = np.empty((group, max_len), np.float32)
+    key = np.empty(head_dim, np.float32)
+    value = np.empty(value_dim, np.float32)
+    acc = np.empty((group, value_dim), np.float32)
+    for task in range(task_begin, task_end):
+        i = task // (n_kv_heads * n_splits)
+        kv_head = (task // n_splits) % n_kv_heads
+        first_head = kv_head * group * n_splits + (task % n_splits) * group
+        slot = slot_ids[i]
+        pos = positions[i]
+        start = 0
+        if window > 0 and pos - window + 1 > 0:
+            start = pos - window + 1
+        length = pos + 1 - start
+        for t in range(length):
+            load_row(k_cache[slot, layer, start + t, kv_head], key)
+            for g in range(group):
+                h = first_head + g
+                dot = np.float32(0.0)
+                for j in range(head_dim):
+                    dot += q[i, h, j] * key[j]
+                scores[g, t] = dot * scale
+        for g in range(group):
+            mx = scores[g, 0]
+            for t in range(1, length):
+                if scores[g, t] > mx:
+                    mx = scores[g, t]
+            for t in range(length):
+                scores[g, t] = math.exp(scores[g, t] - mx)
+        acc[:, :] = 0.0
+        for t in range(length):
+            load_row(v_cache[slot, layer, start + t, kv_head], value)
+            for g in range(group):
+                w = scores[g, t]
+                for j in range(value_dim):
+                    acc[g, j] += w * value[j]
+        for g in range(group):
+            total = 0.0  # float64, as ggml's softmax sum
+            for t in range(length):
+                total += scores[g, t]
+            inv = np.float32(1.0 / total)
+            h = first_head + g
+            for j in range(value_dim):
+                out[i, h, j] = acc[g, j] * inv
+
+
+def store_row(src, dst):
+    """dst (d,) <- src (d,) f32, rounded to float16 bits when dst is uint16 (round to nearest even)."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(store_row, inline="always")
+def _store_row_overload(src, dst):
+    if isinstance(dst.dtype, types.Integer):
+
+        def store_f16_bits(src, dst):
+            bits = src.view(np.uint32)
+            for j in range(src.shape[0]):
+                u = np.int64(bits[j])
+                sign = (u >> 16) & 0x8000
+                a = u & 0x7FFFFFFF
+                h = np.int64(0x7C00)
+                if a >= 0x47800000:  # >= 65536 (or inf / nan): inf, or a quiet nan
+                    if a > 0x7F800000:
+                        h = np.int64(0x7E00)
+                elif a < 0x38800000:  # below 2^-14: an f16 subnormal, multiple of 2^-24
+                    h = np.int64(np.rint(abs(np.float64(src[j])) * 16777216.0))
+                else:  # rebias the exponent, round the 13 dropped bits to nearest even
+                    h = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
+                dst[j] = np.uint16(h | sign)
+
+        return store_f16_bits
+
+    def store_f32(src, dst):
+        for j in range(src.shape[0]):
+            dst[j] = src[j]
+
+    return store_f32
+
+
+@njit(cache=True)
+def store_kv(k, v, k_cache, v_cache, layer, slot_ids, positions):
+    # k (n, n_kv_heads, head_dim), v (n, n_kv_heads, value_dim) f32 -> cells
+    # k_cache[slot_ids[i], layer, positions[i]] (f32, or f16 bits as uint16), same for v
+    for i in range(k.shape[0]):
+        for h in range(k.shape[1]):
+            store_row(k[i, h], k_cache[slot_ids[i], layer, positions[i], h])
+            store_row(v[i, h], v_cache[slot_ids[i], layer, positions[i], h])

@@ -1,0 +1,142 @@
+"""kernels.matmul: fused quantized matmul vs x @ dequantize(W).T, batch invariance, get_rows."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels.matmul import BLAS_MIN_ROWS, QuantMatrix, get_rows, matmul, matmul_multi
+from kernels.quant import BLOCK_LAYOUT, TYPE_NAMES
+from tests.test_kernels_quant import oracle, random_blocks
+
+ALL_TYPES = sorted(BLOCK_LAYOUT)
+IDS = [TYPE_NAMES[t] for t in ALL_TYPES]
+
+
+def make_matrix(rng, ggml_type: int, m: int, k: int) -> tuple[QuantMatrix, np.ndarray]:
+    raw = random_blocks(rng, ggml_type, m * k)
+    return QuantMatrix(raw, ggml_type, m, k), oracle(raw, ggml_type).reshape(m, k)
+
+
+def k_for(ggml_type: int, blocks: int) -> int:
+    return blocks * max(BLOCK_LAYOUT[ggml_type][0], 32)
+
+
+def assert_close_to_reference(out: np.ndarray, x: np.ndarray, w_f32: np.ndarray) -> None:
+    ref = x.astype(np.float64) @ w_f32.T.astype(np.float64)
+    # f32 accumulation error bound ~ k * eps * sum|x*w|; far tighter than any kernel bug
+    bound = 4e-7 * x.shape[1] ** 0.5 * (np.abs(x).astype(np.float64) @ np.abs(w_f32.T).astype(np.float64)) + 1e-30
+    assert np.all(np.abs(out - ref) <= bound), np.max(np.abs(out - ref) / bound)
+
+
+@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=IDS)
+@pytest.mark.parametrize("m,blocks", [(1, 1), (13, 2), (37, 3)])
+def test_matmul_matches_dequantized_reference(ggml_type, m, blocks):
+    rng = np.random.default_rng(ggml_type * 100 + m)
+    k = k_for(ggml_type, blocks)
+    w, w_f32 = make_matrix(rng, ggml_type, m, k)
+    for n in (1, 2, 3, 5, 8, 9, BLAS_MIN_ROWS + 3):
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        out = np.full((n, m), np.nan, np.float32)
+        matmul(x, w, out)
+        assert_close_to_reference(out, x, w_f32)
+
+
+@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=IDS)
+def test_fused_path_is_batch_invariant(ggml_type):
+    # a row's result must not depend on n or on which other rows share the batch
+    rng = np.random.default_rng(7 + ggml_type)
+    m, k = 45, k_for(ggml_type, 2)
+    w, _ = make_matrix(rng, ggml_type, m, k)
+    xs = rng.standard_normal((BLAS_MIN_ROWS - 1, k)).astype(np.float32)
+    single = np.empty((len(xs), m), np.float32)
+    for i in range(len(xs)):
+        matmul(xs[i:i + 1], w, single[i:i + 1])
+    for n in (2, 3, 4, 7, 9, BLAS_MIN_ROWS - 1):
+        order = rng.permutation(len(xs))[:n]
+        out = np.empty((n, m), np.float32)
+        matmul(xs[order], w, out)
+        np.testing.assert_array_equal(out, single[order], err_msg=f"n={n}")
+
+
+def test_matmul_multi_equals_separate_calls_with_mixed_types():
+    rng = np.random.default_rng(3)
+    k = 512
+    mats = [make_matrix(rng, t, m, k)[0] for t, m in ((6, 40), (8, 9), (12, 21), (14, 6))]
+    for n in (1, 4):
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        outs = [np.empty((n, w.m), np.float32) for w in mats]
+        matmul_multi(x, mats, outs)
+        for w, o in zip(mats, outs):
+            ref = np.empty_like(o)
+            matmul(x, w, ref)
+            np.testing.assert_array_equal(o, ref)
+
+
+def test_large_matrix_spans_many_parallel_tasks():
+    rng = np.random.default_rng(5)
+    m, k = 3001, 896  # Q5_0 ~2 MB: dozens of tasks, m not a multiple of 4
+    w, w_f32 = make_matrix(rng, 6, m, k)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    out = np.empty((3, m), np.float32)
+    matmul(x, w, out)
+    assert_close_to_reference(out, x, w_f32)
+
+
+def test_prefill_path_for_many_rows():
+    rng = np.random.default_rng(9)
+    w, w_f32 = make_matrix(rng, 12, 70, 512)
+    x = rng.standard_normal((200, 512)).astype(np.float32)
+    out = np.empty((200, 70), np.float32)
+    matmul(x, w, out)
+    assert_close_to_reference(out, x, w_f32)
+
+
+def test_output_views_and_non_contiguous_inputs():
+    rng = np.random.default_rng(11)
+    w, w_f32 = make_matrix(rng, 8, 20, 64)
+    big = rng.standard_normal((4, 128)).astype(np.float32)
+    x = big[:, ::2]  # non-contiguous x
+    out_full = np.zeros((4, 30), np.float32)
+    out = out_full[:, 5:25]  # non-contiguous out
+    matmul(x, w, out)
+    assert_close_to_reference(out, np.ascontiguousarray(x), w_f32)
+    assert not out_full[:, :5].any() and not out_full[:, 25:].any()
+
+
+@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=IDS)
+def test_get_rows_matches_reference_rows(ggml_type):
+    rng = np.random.default_rng(13 + ggml_type)
+    m, k = 17, k_for(ggml_type, 2)
+    w, w_f32 = make_matrix(rng, ggml_type, m, k)
+    ids = np.array([3, 0, 16, 3], np.int32)
+    out = np.empty((4, k), np.float32)
+    get_rows(w, ids, out)
+    np.testing.assert_array_max_ulp(out, w_f32[ids], maxulp=1)
+
+
+def test_get_rows_rejects_out_of_range_ids():
+    w, _ = make_matrix(np.random.default_rng(0), 8, 4, 32)
+    with pytest.raises(IndexError):
+        get_rows(w, np.array([4], np.int32), np.empty((1, 32), np.float32))
+    with pytest.raises(IndexError):
+        get_rows(w, np.array([-1], np.int32), np.empty((1, 32), np.float32))
+
+
+def test_shape_validation():
+    raw = np.zeros(34 * 4, np.uint8)
+    with pytest.raises(ValueError, match="needs"):
+        QuantMatrix(raw, 8, 3, 32)  # 3 rows need 102 bytes
+    with pytest.raises(ValueError, match="multiple"):
+        QuantMatrix(raw, 8, 4, 30)
+    w = QuantMatrix(raw, 8, 4, 32)
+    with pytest.raises(ValueError, match="x must be"):
+        matmul(np.zeros((1, 31), np.float32), w, np.zeros((1, 4), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        matmul(np.zeros((1, 32), np.float32), w, np.zeros((1, 5), np.float32))
+
+
+def test_quant_matrix_views_data_without_copy():
+    raw = random_blocks(np.random.default_rng(2), 6, 8 * 64)
+    w = QuantMatrix(raw, 6, 8, 64)
+    assert np.shares_memory(w.data, raw)
+    assert w.nbytes == raw.nbytes and w.shape == (8, 64)

@@ -1,0 +1,70 @@
+"""kernels.quant: every GGML block type decodes exactly like gguf-py's numpy reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import dequantize as oracle_dequantize
+
+from kernels.quant import BLOCK_LAYOUT, TYPE_NAMES, block_layout, dequantize
+
+ALL_TYPES = sorted(BLOCK_LAYOUT)
+# byte offsets of the f16 scales inside a block; random bytes there could be inf/NaN
+SCALE_OFFSETS = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2],
+                 13: [0, 2], 14: [208]}
+
+
+def random_blocks(rng: np.random.Generator, ggml_type: int, n_elements: int) -> np.ndarray:
+    """Random raw bytes of `ggml_type` for n_elements values, with finite f16 scales."""
+    block_size, block_bytes = BLOCK_LAYOUT[ggml_type]
+    nblk = n_elements // block_size
+    if ggml_type == 0:
+        return rng.standard_normal(nblk).astype(np.float32).view(np.uint8)
+    if ggml_type == 1:
+        return rng.standard_normal(nblk).astype(np.float16).view(np.uint8)
+    if ggml_type == 30:
+        return (rng.standard_normal(nblk).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    raw = rng.integers(0, 256, (nblk, block_bytes), dtype=np.uint8)
+    for o in SCALE_OFFSETS[ggml_type]:
+        scales = (rng.standard_normal(nblk) * 0.03).astype(np.float16)
+        raw[:, o:o + 2] = scales.view(np.uint8).reshape(nblk, 2)
+    return raw.reshape(-1)
+
+
+def oracle(raw: np.ndarray, ggml_type: int) -> np.ndarray:
+    return oracle_dequantize(raw, GGMLQuantizationType(ggml_type)).astype(np.float32).reshape(-1)
+
+
+@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=[TYPE_NAMES[t] for t in ALL_TYPES])
+@pytest.mark.parametrize("n_blocks", [1, 37])
+def test_dequantize_matches_gguf_reference(ggml_type, n_blocks):
+    rng = np.random.default_rng(1000 + ggml_type * 7 + n_blocks)
+    block_size, _ = block_layout(ggml_type)
+    n = n_blocks * max(block_size, 32)
+    raw = random_blocks(rng, ggml_type, n)
+    got = dequantize(raw, ggml_type, n)
+    want = oracle(raw, ggml_type)
+    assert got.dtype == np.float32 and got.shape == (n,)
+    assert np.isfinite(got).all()
+    np.testing.assert_array_max_ulp(got, want, maxulp=1)
+    assert np.abs(want).max() > 0  # the random blocks are not degenerate
+
+
+def test_dequantize_rejects_size_mismatch():
+    raw = np.zeros(34 * 2, np.uint8)
+    with pytest.raises(ValueError, match="bytes"):
+        dequantize(raw, 8, 96)  # 3 blocks of Q8_0 need 102 bytes
+    with pytest.raises(ValueError, match="multiple"):
+        dequantize(raw, 8, 40)
+
+
+def test_unsupported_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="unsupported ggml type 9"):
+        block_layout(9)  # Q8_1: not a weight format GGUF files ship
+
+
+def test_q8_0_hand_computed_block():
+    # d = 0.5, q = -128..-97: values are q * 0.5
+    block = np.concatenate([np.frombuffer(np.float16(0.5).tobytes(), np.uint8),
+                            np.arange(-128, -96, dtype=np.int8).view(np.uint8)])
+    np.testing.assert_array_equal(dequantize(block, 8, 32), np.arange(-128, -96) * 0.5)
