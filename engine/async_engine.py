@@ -8,6 +8,7 @@ per iteration. Each request's deltas go to its own asyncio.Queue through
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -65,6 +66,15 @@ class _Embed:
 
 
 @dataclass
+@dataclass
+class _SlotJob:
+    """A save/restore/erase of a slot's cache, run on the engine thread between steps."""
+
+    method: str
+    args: tuple
+    future: concurrent.futures.Future
+
+
 class _Shutdown:
     drain: bool
 
@@ -173,6 +183,23 @@ class AsyncEngine:
         self._inbox.put(_Embed(prompt_ids, loop, future))
         return await future
 
+    def _slot_job(self, method: str, *args: Any) -> int:
+        # Blocking: the server calls these from a worker thread, never the event loop.
+        if not self.is_running:
+            raise EngineError("the engine is not running")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(_SlotJob(method, args, future))
+        return future.result()
+
+    def save_slot(self, slot_id: int, path: str) -> int:
+        return self._slot_job("save_slot", slot_id, str(path))
+
+    def restore_slot(self, slot_id: int, path: str) -> int:
+        return self._slot_job("restore_slot", slot_id, str(path))
+
+    def erase_slot(self, slot_id: int) -> int:
+        return self._slot_job("erase_slot", slot_id)
+
     def stats(self) -> EngineStats:
         """Latest snapshot (refreshed by the engine thread after every step and when idle)."""
         return self._stats
@@ -246,6 +273,11 @@ class AsyncEngine:
                 return [out]
         elif isinstance(command, _Embed):
             self._pending_embeds.append(command)
+        elif isinstance(command, _SlotJob):
+            try:
+                command.future.set_result(getattr(self.core, command.method)(*command.args))
+            except Exception as exc:
+                command.future.set_exception(exc)
         return []
 
     def _run_embeds(self) -> None:

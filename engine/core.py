@@ -180,6 +180,28 @@ class EngineCore:
             return None
         return self.runner.embed(slot_id, [int(t) for t in prompt_ids])
 
+    def _idle_slot(self, slot_id: int) -> int:
+        if not 0 <= slot_id < self.config.n_slots:
+            raise ValueError(f"slot {slot_id} does not exist (0..{self.config.n_slots - 1})")
+        if not self.scheduler.slots[slot_id].is_idle:
+            raise ValueError(f"slot {slot_id} is processing a request; try again when it is idle")
+        return slot_id
+
+    def save_slot(self, slot_id: int, path: str) -> int:
+        """Save an idle slot's cached prompt (tokens + K/V) to a file; returns the token count."""
+        with open(path, "wb") as f:  # a file object: numpy must not append ".npz" to the name
+            return self.model.kv_cache.save_slot(self._idle_slot(slot_id), f)
+
+    def restore_slot(self, slot_id: int, path: str) -> int:
+        with open(path, "rb") as f:
+            return self.model.kv_cache.restore_slot(self._idle_slot(slot_id), f)
+
+    def erase_slot(self, slot_id: int) -> int:
+        kv_cache = self.model.kv_cache
+        n_erased = kv_cache.num_cached(self._idle_slot(slot_id))
+        kv_cache.clear(slot_id)
+        return n_erased
+
     def stats(self) -> EngineStats:
         return self.stats_collector.snapshot(
             self.scheduler.slot_stats(), self.scheduler.num_waiting, self.model.kv_cache.usage()

@@ -131,6 +131,34 @@ class KVCache:
             self._tokens[dst, :n_tokens] = self._tokens[src, :n_tokens]
         self._count[dst] = n_tokens
 
+    def save_slot(self, slot_id: int, file) -> int:
+        """Write the slot's cached tokens and their K/V cells to `file` (.npz); returns n_tokens."""
+        slot = self._check_slot(slot_id)
+        n = int(self._count[slot])
+        np.savez(file, tokens=self._tokens[slot, :n], k=self.k[slot, :, :n], v=self.v[slot, :, :n])
+        return n
+
+    def restore_slot(self, slot_id: int, file) -> int:
+        """Load a file written by `save_slot` into the slot (replacing its cache); returns n_tokens."""
+        slot = self._check_slot(slot_id)
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                tokens, k, v = data["tokens"], data["k"], data["v"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise ValueError(f"not a saved slot file: {exc}") from None
+        n = tokens.shape[0] if tokens.ndim == 1 else -1
+        want_k = (self.n_layers, n, self.n_kv_heads, self.head_dim)
+        want_v = (self.n_layers, n, self.n_kv_heads, self.value_dim)
+        if n < 0 or k.shape != want_k or v.shape != want_v or k.dtype != self.k.dtype or v.dtype != self.v.dtype:
+            raise ValueError("the saved slot does not match this model's KV cache layout")
+        if n > self.n_ctx:
+            raise ValueError(f"the saved slot holds {n} tokens, more than the slot context {self.n_ctx}")
+        self.k[slot, :, :n] = k
+        self.v[slot, :, :n] = v
+        self._tokens[slot, :n] = tokens
+        self._count[slot] = n
+        return n
+
     def shift(self, slot_id: int, n_keep: int, n_discard: int) -> None:
         """Context shift: drop cells [n_keep, n_keep + n_discard) and slide the rest down.
 

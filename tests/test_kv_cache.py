@@ -102,3 +102,31 @@ def test_shift_validation():
         cache.shift(0, 1, 1)
     cache.shift(0, 1, 0)  # nothing to drop is a no-op
     assert cache.num_cached(0) == 4
+
+
+@pytest.mark.parametrize("dtype", ["f16", "f32"])
+def test_save_and_restore_a_slot_round_trips_tokens_and_cells(tmp_path, dtype):
+    cache = make_cache(dtype)
+    fill(cache, 1, [5, 6, 7, 8])
+    path = tmp_path / "slot.bin"
+    with open(path, "wb") as f:
+        assert cache.save_slot(1, f) == 4
+    other = make_cache(dtype)
+    fill(other, 2, [1, 2])
+    with open(path, "rb") as f:
+        assert other.restore_slot(2, f) == 4
+    assert other.cached_tokens(2) == [5, 6, 7, 8]
+    np.testing.assert_array_equal(other.k[2, :, :4], cache.k[1, :, :4])
+    np.testing.assert_array_equal(other.v[2, :, :4], cache.v[1, :, :4])
+
+
+def test_restore_rejects_a_file_of_another_layout(tmp_path):
+    small = KVCache(1, 1, 16, N_KV, HEAD_DIM, dtype="f32")
+    path = tmp_path / "slot.bin"
+    with open(path, "wb") as f:
+        small.save_slot(0, f)
+    with open(path, "rb") as f, pytest.raises(ValueError, match="layout"):
+        make_cache("f32").restore_slot(0, f)
+    path.write_bytes(b"not a slot file")
+    with open(path, "rb") as f, pytest.raises(ValueError, match="not a saved slot file"):
+        make_cache("f32").restore_slot(0, f)

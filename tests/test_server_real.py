@@ -24,8 +24,9 @@ MESSAGES = [{"role": "user", "content": "Write a Python function that adds two n
 @pytest.fixture(scope="module")
 def base_url(qwen_path, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("server")
+    slot_dir = tmp_path_factory.mktemp("slots")
     with running_server(qwen_path, log_dir, "-np", "4", "-c", "8192", "--metrics", "--embeddings",
-                        "-a", "qwen-test") as url:
+                        "-a", "qwen-test", "--slot-save-path", str(slot_dir)) as url:
         yield url
 
 
@@ -141,6 +142,22 @@ def test_native_completion_and_tokenizer(base_url):
         assert predicted >= 8
         emb = client.post("/v1/embeddings", json={"input": "hello"}).json()["data"][0]["embedding"]
         assert len(emb) == 896 and abs(sum(x * x for x in emb) - 1.0) < 1e-3
+
+
+def test_slot_save_restore_reuses_the_saved_prompt(base_url):
+    prompt = "def quicksort(items):\n    " * 8
+    with httpx.Client(base_url=base_url, timeout=300) as client:
+        first = client.post("/completion", json={"prompt": prompt, "n_predict": 1, "id_slot": 3}).json()
+        n_prompt = first["tokens_evaluated"]
+        saved = client.post("/slots/3?action=save", json={"filename": "qs.bin"}).json()
+        n_saved = saved["n_saved"]
+        assert n_saved >= n_prompt and saved["n_written"] > 0
+        assert client.post("/slots/3?action=erase").json() == {"id_slot": 3, "n_erased": n_saved}
+        assert client.post("/slots/3?action=restore", json={"filename": "qs.bin"}).json()["n_restored"] == n_saved
+        again = client.post("/completion", json={"prompt": prompt, "n_predict": 1, "id_slot": 3}).json()
+        assert again["tokens_cached"] >= n_prompt - 1  # only the last prompt token is recomputed
+        escape = client.post("/slots/3?action=save", json={"filename": "../escape.bin"})
+        assert escape.status_code == 400 and "error" in escape.json()
 
 
 def test_raw_sse_framing(base_url):

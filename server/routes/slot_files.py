@@ -42,7 +42,14 @@ def _engine_method(state: ServerState, name: str):
     method = getattr(state.engine, name, None)
     if method is None:
         raise APIError(501, f"this engine build does not support slot {name.split('_')[0]}")
-    return method
+
+    def call(*args):
+        try:
+            return method(*args)
+        except ValueError as exc:  # busy slot, unreadable or mismatched file: the client's to fix
+            raise bad_request(str(exc), "id_slot")
+
+    return call
 
 
 @router.post("/slots/{id_slot}")
