@@ -66,7 +66,6 @@ class _Embed:
 
 
 @dataclass
-@dataclass
 class _SlotJob:
     """A save/restore/erase of a slot's cache, run on the engine thread between steps."""
 
@@ -75,6 +74,7 @@ class _SlotJob:
     future: concurrent.futures.Future
 
 
+@dataclass
 class _Shutdown:
     drain: bool
 
