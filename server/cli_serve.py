@@ -230,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), 2)
     configure_logging(verbose=settings.verbose, log_format=settings.log_format)
     if settings.threads > 0:
-        # numba reads this when it is first imported (by the engine, below)
-        os.environ.setdefault("NUMBA_NUM_THREADS", str(settings.threads))
+        # numba reads this when it is first imported (by the engine, below); the flag wins over
+        # an inherited environment value, as every other flag does
+        os.environ["NUMBA_NUM_THREADS"] = str(settings.threads)
 
     from server import engine_api
 

@@ -82,6 +82,9 @@ class ServerSettings:
         need(self.repeat_penalty >= 0, f"repeat_penalty must be >= 0, got {self.repeat_penalty}")
         need(self.cache_type_k in KV_CACHE_TYPES, f"cache_type_k must be one of {KV_CACHE_TYPES}")
         need(self.cache_type_v in KV_CACHE_TYPES, f"cache_type_v must be one of {KV_CACHE_TYPES}")
+        # One KV cache dtype serves both K and V; refuse a split rather than silently ignore -ctv.
+        need(self.cache_type_v == self.cache_type_k,
+             f"-ctk and -ctv must name the same type here (got {self.cache_type_k} and {self.cache_type_v})")
         need(self.flash_attn in FLASH_ATTN_MODES, f"flash_attn must be one of {FLASH_ATTN_MODES}")
         need(self.log_format in LOG_FORMATS, f"log_format must be one of {LOG_FORMATS}")
         need(self.sse_ping_seconds > 0, "sse_ping_seconds must be > 0")

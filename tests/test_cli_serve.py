@@ -92,6 +92,7 @@ def test_unknown_flag_is_a_usage_error(capsys):
     (["-np", "0"], {}, None, "n_parallel"),
     (["--top-p", "1.5"], {}, None, "top_p"),
     (["--port", "70000"], {}, None, "port"),
+    (["-ctk", "f16", "-ctv", "f32"], {}, None, "-ctk and -ctv"),
     ([], {}, "bogus_key = 1\n", "bogus_key"),
     ([], {}, "port = [\n", "not valid TOML"),
     ([], {}, 'port = "eighty"\n', "port must be an integer"),
