@@ -10,6 +10,7 @@ import pytest
 
 from engine.core import EngineConfig, EngineCore
 from engine.request import GenerationParams
+from tests.fakes import run_to_completion
 
 pytestmark = pytest.mark.slow
 
@@ -42,18 +43,8 @@ def core(qwen_path):
     core = EngineCore(model, tokenizer, EngineConfig(n_slots=N_SLOTS, n_ctx=N_CTX, batch_size=512))
     # warm up (numba compilation) so timings below measure the engine, not the JIT
     core.add_request(tokenizer.encode("warm up the kernels"), greedy(2, cache_prompt=False))
-    run(core)
+    run_to_completion(core)
     return core
-
-
-def run(core: EngineCore, max_steps: int = 100_000) -> dict[str, list]:
-    outputs: dict[str, list] = {}
-    for _ in range(max_steps):
-        if not core.has_work():
-            return outputs
-        for out in core.step():
-            outputs.setdefault(out.request_id, []).append(out)
-    raise AssertionError("engine did not become idle")
 
 
 def clear_slots(core: EngineCore) -> None:
@@ -68,11 +59,11 @@ def test_concurrent_greedy_requests_match_solo_runs(core):
     for p in prompts:
         clear_slots(core)
         r = core.add_request(p, greedy(16, cache_prompt=False))
-        run(core)
+        run_to_completion(core)
         solo.append(r.output_ids)
     clear_slots(core)
     reqs = [core.add_request(p, greedy(16, cache_prompt=False)) for p in prompts]
-    outs = run(core)
+    outs = run_to_completion(core)
     assert len({r.slot_id for r in reqs}) == N_SLOTS  # really batched together
     for r, expected, text in zip(reqs, solo, TEXTS):
         assert r.output_ids == expected, f"batched output differs for {text!r}"
@@ -125,11 +116,11 @@ def test_shared_prefix_is_reused_and_prompt_phase_is_much_faster(core):
     for _ in range(3):
         clear_slots(core)
         core.add_request(q1, greedy(1, id_slot=0))
-        run(core)
+        run_to_completion(core)
         warm = core.add_request(q2, greedy(1, id_slot=0))
-        outs_warm = run(core)[warm.request_id]
+        outs_warm = run_to_completion(core)[warm.request_id]
         cold = core.add_request(q2, greedy(1, id_slot=1, cache_prompt=False))
-        outs_cold = run(core)[cold.request_id]
+        outs_cold = run_to_completion(core)[cold.request_id]
         t_warm, t_cold = outs_warm[-1].timings, outs_cold[-1].timings
         assert t_warm.cache_n >= 400 and t_warm.prompt_n == len(q2) - t_warm.cache_n
         assert t_cold.cache_n == 0 and t_cold.prompt_n == len(q2)
@@ -147,11 +138,11 @@ def test_prefix_similarity_routes_a_follow_up_to_its_slot(core):
     clear_slots(core)
     convo = tok.encode("<|im_start|>user\nWrite a haiku about autumn leaves.<|im_end|>\n<|im_start|>assistant\n")
     first = core.add_request(convo, greedy(12))
-    run(core)
+    run_to_completion(core)
     other = core.add_request(tok.encode("Unrelated prompt about databases"), greedy(2))
-    run(core)
+    run_to_completion(core)
     follow = core.add_request(convo + first.output_ids + tok.encode("\nAnother one please.", add_special=False), greedy(2))
-    outs = run(core)[follow.request_id]
+    outs = run_to_completion(core)[follow.request_id]
     assert follow.slot_id == first.slot_id != other.slot_id
     assert outs[-1].timings.cache_n >= len(convo) + len(first.output_ids) - 1
 
