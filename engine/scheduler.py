@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from engine.core import EngineConfig
 
 
+# A waiting request holds back for a running one's prefill when their prompts share at least
+# this many leading tokens (shorter shared prefixes are not worth the wait).
+MIN_SHARED_PREFILL_TO_WAIT = 16
+
+
 @dataclass
 class Slot:
     slot_id: int
@@ -173,6 +178,8 @@ class Scheduler:
         for request in list(self.waiting):
             if not idle:
                 break
+            if self._should_wait_for_shared_prefill(request):
+                continue  # keeps its place; admitted (and forked) once that prompt is computed
             slot = self._pick_slot(request, idle)
             if slot is None:  # pinned to a busy slot: it keeps its place, others may go first
                 continue
@@ -199,12 +206,39 @@ class Scheduler:
                 return best
         return min(idle, key=lambda s: s.t_last_used)  # least recently used; ties -> lowest id
 
+    def _should_wait_for_shared_prefill(self, request: Request) -> bool:
+        """True while a running request is still computing a long prefix this prompt shares.
+
+        The n choices of one request (and clients sending the same long system prompt) arrive
+        together: instead of every slot computing the same prompt, the others wait for the first
+        and then copy its K/V (see `_assign`), so the prompt is prefilled once.
+        """
+        if not request.params.cache_prompt:
+            return False
+        for other in self.running:
+            if other.is_prefilling:
+                shared = common_prefix_len(other.prompt_ids, request.prompt_ids)
+                if shared >= MIN_SHARED_PREFILL_TO_WAIT and shared > other.num_computed_tokens:
+                    return True
+        return False
+
     def _assign(self, request: Request, slot: Slot) -> None:
         n_past = 0
         if request.params.cache_prompt:
-            n_past = common_prefix_len(self.kv_cache.cached_tokens(slot.slot_id), request.prompt_ids)
             # Recompute at least the last prompt token: its logits give the first sampled token.
-            n_past = min(n_past, len(request.prompt_ids) - 1)
+            limit = len(request.prompt_ids) - 1
+            n_past = min(common_prefix_len(self.kv_cache.cached_tokens(slot.slot_id), request.prompt_ids), limit)
+            # Another slot (busy or idle) may hold a longer prefix: copy its cells instead of
+            # recomputing them.
+            source, n_source = None, n_past
+            for other in self.slots:
+                if other is not slot:
+                    n = min(common_prefix_len(self.kv_cache.cached_tokens(other.slot_id), request.prompt_ids), limit)
+                    if n > n_source:
+                        source, n_source = other, n
+            if source is not None:
+                self.kv_cache.copy_prefix(source.slot_id, slot.slot_id, n_source)
+                n_past = n_source
         if self.kv_cache.num_cached(slot.slot_id) > n_past:
             self.kv_cache.truncate(slot.slot_id, n_past)
         slot.request = request

@@ -87,6 +87,41 @@ def test_identical_prompt_recomputes_only_the_last_token():
     assert a.output_ids == b.output_ids
 
 
+def test_same_long_prompt_arriving_together_is_prefilled_once_and_forked():
+    # n choices of one request: three identical 40-token prompts, prompt chunks of <= 16 tokens
+    core = make_core(n_slots=3, batch_size=16)
+    p = prompt(40, start=4)
+    reqs = [core.add_request(p, GenerationParams(max_tokens=3)) for _ in range(3)]
+    outs = run_to_completion(core)
+    prompt_tokens = sum(len(c.token_ids) for c in core.model.calls) - 3 * 2  # minus decode tokens
+    assert prompt_tokens == 40 + 1 + 1  # once, plus each fork's last prompt token
+    assert [r.cache_n for r in reqs] == [0, 39, 39]
+    assert sorted({r.slot_id for r in reqs}) == [0, 1, 2]
+    for r in reqs:
+        assert tokens_of(outs[r.request_id]) == solo(p, 3)
+
+
+def test_prefix_held_by_a_busy_slot_is_copied_not_recomputed():
+    core = make_core(n_slots=2)
+    system = prompt(30, start=7)
+    a = core.add_request(system + [3], GenerationParams(max_tokens=6))
+    for _ in range(3):  # a's prompt is done and it is decoding
+        core.step()
+    b = core.add_request(system + prompt(4, start=1), GenerationParams(max_tokens=2))
+    outs = run_to_completion(core)
+    assert b.slot_id != a.slot_id and b.cache_n == 30
+    assert outs[b.request_id][-1].timings.prompt_n == 4
+    assert tokens_of(outs[b.request_id]) == solo(system + prompt(4, start=1), 2)
+
+
+def test_short_shared_prefixes_do_not_hold_requests_back():
+    core = make_core(n_slots=2, batch_size=64)
+    a = core.add_request(prompt(5, start=2) + prompt(30, start=9), GenerationParams(max_tokens=1))
+    b = core.add_request(prompt(5, start=2) + prompt(30, start=17), GenerationParams(max_tokens=1))
+    core.step()
+    assert a.slot_id >= 0 and b.slot_id >= 0  # both admitted in the first step
+
+
 def test_cache_prompt_false_recomputes_everything():
     core = make_core(n_slots=1)
     p = prompt(10)
