@@ -27,6 +27,7 @@ class EngineConfig:
     batch_size: int = 2048  # -b: max tokens per forward call (decode tokens + prompt chunks)
     context_shift: bool = False  # --context-shift: drop half of the context instead of stopping
     slot_prompt_similarity: float = 0.5  # -sps: min cached-prefix fraction to prefer a slot; 0 = off
+    cache_reuse: int = 0  # --cache-reuse: min matching chunk moved into place by KV shifting; 0 = off
     n_predict: int = -1  # -n: default max tokens when a request sets none; -1 = unlimited
     max_queue: int = 256  # requests allowed to wait for a slot before EngineBusyError (503)
     kv_dtype: str = "f16"  # --cache-type-k/v
@@ -42,6 +43,8 @@ class EngineConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be >= n_slots ({self.n_slots})")
         if not 0.0 <= self.slot_prompt_similarity <= 1.0:
             raise ValueError(f"slot_prompt_similarity must be in [0, 1], got {self.slot_prompt_similarity}")
+        if self.cache_reuse < 0:
+            raise ValueError(f"cache_reuse must be >= 0, got {self.cache_reuse}")
         if self.n_predict < -1:
             raise ValueError(f"n_predict must be >= -1, got {self.n_predict}")
         if self.max_queue < 0:

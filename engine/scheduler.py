@@ -239,6 +239,8 @@ class Scheduler:
             if source is not None:
                 self.kv_cache.copy_prefix(source.slot_id, slot.slot_id, n_source)
                 n_past = n_source
+            elif self.config.cache_reuse > 0:
+                n_past = self._reuse_shifted_chunks(slot.slot_id, request.prompt_ids, n_past, limit)
         if self.kv_cache.num_cached(slot.slot_id) > n_past:
             self.kv_cache.truncate(slot.slot_id, n_past)
         slot.request = request
@@ -249,6 +251,29 @@ class Scheduler:
         request.cache_n = n_past
         request.t_prompt_start = time.perf_counter()
         self.running.append(request)
+
+    def _reuse_shifted_chunks(self, slot_id: int, prompt: list[int], n_past: int, limit: int) -> int:
+        """llama-server's --cache-reuse: after the common prefix, cached chunks of at least
+        `cache_reuse` tokens that reappear later in the prompt are slid into place (K re-roped)
+        instead of being recomputed; the cells between are dropped. Returns the new n_past."""
+        cached = self.kv_cache.cached_tokens(slot_id)
+        head_c = head_p = n_past  # cursor in the cache / in the prompt
+        while head_c < len(cached) and head_p < limit:
+            n_match = 0
+            while (head_c + n_match < len(cached) and head_p + n_match < limit
+                   and cached[head_c + n_match] == prompt[head_p + n_match]):
+                n_match += 1
+            if n_match >= self.config.cache_reuse:
+                if head_c > head_p:  # drop cells [head_p, head_c): the chunk slides down to head_p
+                    self.kv_cache.shift(slot_id, head_p, head_c - head_p)
+                    del cached[head_p:head_c]
+                    head_c = head_p
+                head_c += n_match
+                head_p += n_match
+                n_past = head_p
+            else:
+                head_c += 1
+        return n_past
 
     def acquire_idle_slot(self) -> int | None:
         """An idle slot for a synchronous job (embeddings), least recently used; None if all busy."""

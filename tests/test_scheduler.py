@@ -122,6 +122,30 @@ def test_short_shared_prefixes_do_not_hold_requests_back():
     assert a.slot_id >= 0 and b.slot_id >= 0  # both admitted in the first step
 
 
+def test_cache_reuse_slides_a_matching_chunk_into_place():
+    # llama-server's --cache-reuse: the cache holds A B C, the new prompt is A C D; C (>= 8
+    # tokens) is shifted down over B instead of being recomputed.
+    a, b, c, d = prompt(6, start=1), prompt(10, start=9), prompt(12, start=3), prompt(4, start=20)
+    core = make_core(n_slots=1, cache_reuse=8)
+    core.add_request(a + b + c, GenerationParams(max_tokens=1))
+    run_to_completion(core)
+    r = core.add_request(a + c + d, GenerationParams(max_tokens=2))
+    outs = run_to_completion(core)[r.request_id]
+    assert core.model.kv_cache.shifts == [(0, 6, 10)]  # drop B's 10 cells after A's 6
+    assert r.cache_n == 18 and outs[-1].timings.prompt_n == 4  # only D is computed
+    assert tokens_of(outs) == solo(a + c + d, 2)
+
+
+def test_cache_reuse_ignores_chunks_shorter_than_the_threshold():
+    a, b, c = prompt(6, start=1), prompt(10, start=9), prompt(5, start=3)
+    core = make_core(n_slots=1, cache_reuse=8)
+    core.add_request(a + b + c, GenerationParams(max_tokens=1))
+    run_to_completion(core)
+    r = core.add_request(a + c + prompt(3, start=20), GenerationParams(max_tokens=1))
+    run_to_completion(core)
+    assert core.model.kv_cache.shifts == [] and r.cache_n == 6
+
+
 def test_cache_prompt_false_recomputes_everything():
     core = make_core(n_slots=1)
     p = prompt(10)
