@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import heapq
 
+from engine.tokenizer.piece_cache import PieceCache
 from engine.tokenizer.pretokenizer import PreTokenizer
 from engine.tokenizer.vocab import Vocab
 
-_CACHE_LIMIT = 1 << 16  # words; the cache is dropped when full (cheap, and the text moved on anyway)
 
 
 def _byte_to_unicode() -> list[str]:
@@ -50,18 +50,10 @@ class BPEModel:
         merges = vocab.merges
         # key "left right" -> rank; the first occurrence of a duplicated merge wins (as in llama.cpp)
         self._ranks = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache = PieceCache(lambda word: self._encode_word(byte_encode(word)))
 
     def encode(self, text: str, out: list[int]) -> None:
-        cache = self._cache
-        for word in self.pretokenizer.split(text):
-            ids = cache.get(word)
-            if ids is None:
-                ids = self._encode_word(byte_encode(word))
-                if len(cache) >= _CACHE_LIMIT:
-                    cache.clear()
-                cache[word] = ids
-            out.extend(ids)
+        self._cache.encode_all(self.pretokenizer.split(text), out)
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
         token_to_id = self.vocab.token_to_id

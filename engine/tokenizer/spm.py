@@ -15,10 +15,10 @@ from __future__ import annotations
 import heapq
 import re
 
+from engine.tokenizer.piece_cache import PieceCache
 from engine.tokenizer.vocab import Vocab
 
 SPACE_ESCAPE = "\u2581"  # ▁
-_CACHE_LIMIT = 1 << 16
 
 
 class SPMModel:
@@ -27,7 +27,7 @@ class SPMModel:
         self._scores = vocab.scores.tolist()  # python floats (exact float32 values) for the heap
         self._byte_ids = self._find_byte_tokens()
         self._splitter = self._build_splitter()
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache = PieceCache(self._encode_piece)
 
     def _find_byte_tokens(self) -> list[int | None]:
         """byte value -> token id: "<0xXX>", else the single-character token (llama.cpp's fallback)."""
@@ -49,15 +49,7 @@ class SPMModel:
 
     def encode(self, text: str, out: list[int]) -> None:
         """`text` is a fragment with spaces already replaced by ▁ (and the prefix space added)."""
-        cache = self._cache
-        for piece in self._splitter.split(text):
-            ids = cache.get(piece)
-            if ids is None:
-                ids = self._encode_piece(piece)
-                if len(cache) >= _CACHE_LIMIT:
-                    cache.clear()
-                cache[piece] = ids
-            out.extend(ids)
+        self._cache.encode_all(self._splitter.split(text), out)
 
     def _encode_piece(self, text: str) -> tuple[int, ...]:
         t2i = self.vocab.token_to_id
