@@ -4,72 +4,38 @@ Owns: importing the engine names the server needs (`from engine import ...`), bu
 engine's parameter objects from plain keyword arguments, and reading the engine's output
 objects (timings, logprobs, stats) into plain dicts / tuples for the response formatters.
 
-Each name is taken from `engine` (its public exports); until engine/__init__.py re-exports it,
-from the submodule that defines it. A missing required name is an ImportError at startup.
+Every engine name comes from `engine`'s public exports.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def _lookup(name: str, submodule: str, required: bool = True):
-    engine = importlib.import_module("engine")
-    if hasattr(engine, name):
-        return getattr(engine, name)
-    # until engine/__init__.py re-exports it: the submodule that defines it
-    value = getattr(importlib.import_module(f"engine.{submodule}"), name, None)
-    if value is None and required:
-        raise ImportError(f"the engine does not provide {name} (expected in engine.{submodule})")
-    return value
-
-
-SamplingParams = _lookup("SamplingParams", "sampling")
-GenerationParams = _lookup("GenerationParams", "request")
-EngineConfig = _lookup("EngineConfig", "core")
-EngineBusyError = _lookup("EngineBusyError", "request")
-build_async_engine = _lookup("build_async_engine", "loader")
-ChatTemplate = _lookup("ChatTemplate", "chat_template")
-ChatTemplateError = _lookup("ChatTemplateError", "chat_template")
-ensure_model = _lookup("ensure_model", "model_store")
-ModelNotAvailable = _lookup("ModelNotAvailable", "model_store")
-GGUFFile = _lookup("GGUFFile", "gguf")
-# optional: without it, JSON-schema constraints are answered with 501
-json_schema_to_grammar = _lookup("json_schema_to_grammar", "json_schema", required=False)
-# optional: lets the server reject a malformed GBNF grammar with a 400 before any stream starts
-parse_grammar = _lookup("parse_grammar", "grammar", required=False)
+from engine import (  # noqa: F401  (re-exported for the routes)
+    ChatTemplate,
+    ChatTemplateError,
+    EngineBusyError,
+    EngineConfig,
+    GenerationParams,
+    GGUFFile,
+    ModelNotAvailable,
+    SamplingParams,
+    build_async_engine,
+    ensure_model,
+    json_schema_to_grammar,
+    parse_grammar,
+)
 
 
 # ---- building engine parameter objects ---------------------------------------------------------
 
 
-def _accepted_names(cls) -> set[str] | None:
-    if cls is None:
-        return set()
-    if dataclasses.is_dataclass(cls):
-        return {f.name for f in dataclasses.fields(cls) if f.init}
-    try:
-        params = inspect.signature(cls).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params}
-
-
-def supports(cls, name: str) -> bool:
-    names = _accepted_names(cls)
-    return names is None or name in names
-
-
 def _build(cls, values: dict[str, Any]):
-    """cls(**values) keeping only the fields cls knows; ValueError from its validation passes up."""
-    names = _accepted_names(cls)
-    kept = {k: v for k, v in values.items() if names is None or k in names}
-    return cls(**kept)
+    """cls(**values) keeping only the fields the dataclass cls knows (the server also carries
+    llama-server settings the engine has no use for); ValueError from validation passes up."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def make_sampling_params(**values: Any):
@@ -89,8 +55,6 @@ def replace_sampling(generation, **changes: Any):
 
 
 def make_engine_config(**values: Any):
-    if EngineConfig is None:
-        raise RuntimeError("the engine does not export EngineConfig yet")
     return _build(EngineConfig, values)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server import engine_api
-from server.errors import APIError, bad_request
+from server.errors import bad_request
 from server.protocol import SamplingFields
 from server.settings import ServerSettings
 
@@ -134,26 +134,20 @@ def resolve_grammar(req: SamplingFields) -> tuple[str | None, dict | None]:
 
 
 def _grammar_fields(grammar: str | None, schema: dict | None) -> dict[str, Any]:
-    """Express the constraint in whichever form this engine's SamplingParams accepts."""
-    if grammar is None and schema is None:
-        return {}
-    sp = engine_api.SamplingParams
+    """The constraint as a GBNF `grammar` sampling field, checked here so a bad one is a 400
+    before any stream starts."""
     if schema is not None:
-        if engine_api.json_schema_to_grammar is not None and engine_api.supports(sp, "grammar"):
-            try:
-                return {"grammar": engine_api.json_schema_to_grammar(schema)}
-            except ValueError as exc:
-                raise bad_request(f"json_schema: {exc}", "json_schema") from None
-        if engine_api.supports(sp, "json_schema"):
-            return {"json_schema": schema}
-    elif engine_api.supports(sp, "grammar"):
-        if engine_api.parse_grammar is not None:
-            try:
-                engine_api.parse_grammar(grammar)
-            except ValueError as exc:
-                raise bad_request(f"grammar: {exc}", "grammar") from None
+        try:
+            return {"grammar": engine_api.json_schema_to_grammar(schema)}
+        except ValueError as exc:
+            raise bad_request(f"json_schema: {exc}", "json_schema") from None
+    if grammar is not None:
+        try:
+            engine_api.parse_grammar(grammar)
+        except ValueError as exc:
+            raise bad_request(f"grammar: {exc}", "grammar") from None
         return {"grammar": grammar}
-    raise APIError(501, "grammar / JSON-schema constrained sampling is not supported by this build")
+    return {}
 
 
 def build_params(
@@ -252,8 +246,6 @@ def choice_params(generation: Any, index: int) -> Any:
 
 def with_grammar(prepared: PreparedParams, grammar: str) -> PreparedParams:
     """`prepared` constrained by `grammar` (the tool-call grammar of tool_choice required)."""
-    if not engine_api.supports(engine_api.SamplingParams, "grammar"):
-        raise APIError(501, "grammar-constrained sampling (needed for this tool_choice) is not supported by this build")
     try:
         generation = engine_api.replace_sampling(prepared.generation, grammar=grammar)
     except ValueError as exc:  # a tool schema produced a grammar the engine refuses
