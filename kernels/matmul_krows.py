@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from kernels.matmul_rows import _prefetch_ahead
 from kernels.quant_kquants import scale_min_k4
 
 U = np.uint64
@@ -52,6 +53,7 @@ def rows_q4_k(u8, lut, m, k, xf, xs, n, out, r0, r1):
             for b in range(nb):
                 bo = b * 144
                 for g in range(4):
+                    _prefetch_ahead(u8, oa + 2 * bo + g * 72, 2)  # 2 rows x 144 bytes / 4 groups
                     a0 = a1 = c0 = c1 = np.float32(0.0)  # (W row a, b) x (low, high nibbles)
                     qo = bo + 16 + g * 32
                     xo = xb + b * 256 + g * 64
@@ -118,6 +120,7 @@ def rows_q6_k(u8, lut, m, k, xf, n, out, r0, r1):
                 for half in range(2):
                     xo = xb + b * 256 + half * 128
                     for s in range(2):
+                        _prefetch_ahead(u8, oa + 2 * bo + (half * 2 + s) * 105, 2)  # 2 x 210 B / 4
                         a1 = a2 = a3 = a4 = np.float32(0.0)
                         c1 = c2 = c3 = c4 = np.float32(0.0)
                         for t in range(16):
