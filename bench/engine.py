@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", default="4,8", help="comma-separated slot counts for batched decode")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--kv", default="f16", choices=["f16", "f32"])
+    p.add_argument("--no-repack", action="store_true", help="weights stay in the mapped file (see kernels/repack.py)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     slot_counts = [int(s) for s in args.slots.split(",") if s.strip()]
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         path = str(ensure_model())
     n_slots = max([1, *slot_counts])
     n_ctx = max(args.prompt_tokens, 16 + max(args.gen_tokens, args.batched_steps)) + 1
-    model = load_model(GGUFFile(path), n_slots=n_slots, n_ctx=n_ctx, kv_dtype=args.kv)
+    model = load_model(GGUFFile(path), n_slots=n_slots, n_ctx=n_ctx, kv_dtype=args.kv, repack=not args.no_repack)
     weight_bytes = model.weights.nbytes()
     rng = np.random.default_rng(0)
     bench_prefill(model, 64, 1, rng)  # warm-up: compile / load every kernel variant once

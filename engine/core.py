@@ -32,6 +32,7 @@ class EngineConfig:
     max_queue: int = 256  # requests allowed to wait for a slot before EngineBusyError (503)
     kv_dtype: str = "f16"  # --cache-type-k/v
     special: bool = False  # -sp / --special: render special tokens in the output text
+    repack: bool = True  # False = --no-repack: weights stay in the memory-mapped file
 
     def __post_init__(self) -> None:
         if self.n_slots < 1:

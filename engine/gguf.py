@@ -187,6 +187,16 @@ class GGUFFile:
         cursor = _Cursor(memoryview(self._mmap), size)
         self._parse(cursor)
 
+    def release_pages(self, info: TensorInfo) -> None:
+        """Drop this process's mapping of the whole pages inside `info`'s bytes (MADV_DONTNEED):
+        after a tensor has been copied elsewhere (repacked), its file pages stop counting toward
+        RSS. The mapping stays valid: touching the bytes again simply reads them back in."""
+        page = mmap.PAGESIZE
+        start = -(-info.offset // page) * page
+        end = (info.offset + info.n_bytes) // page * page
+        if end > start and hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     # -- parsing ----------------------------------------------------------------------------
     def _parse(self, cur: _Cursor) -> None:
         magic = bytes(cur.take(4, "magic"))

@@ -59,7 +59,8 @@ def build_async_engine(model_path: str | Path, config: EngineConfig | None = Non
             raise ValueError("n_ctx = 0 asks for the model's training context, but the GGUF has none")
         config = dataclasses.replace(config, n_ctx=n_ctx_train)
     tokenizer = Tokenizer.from_gguf(gguf)
-    model = load_model(gguf, n_slots=config.n_slots, n_ctx=config.n_ctx, kv_dtype=config.kv_dtype)
+    model = load_model(gguf, n_slots=config.n_slots, n_ctx=config.n_ctx, kv_dtype=config.kv_dtype,
+                       repack=config.repack)
     core = EngineCore(model, tokenizer, config)
     engine = AsyncEngine(core, tokenizer=tokenizer, model_info=model_info_from_gguf(gguf, model_path, model.n_vocab))
     if start:

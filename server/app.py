@@ -92,6 +92,7 @@ def engine_config(settings: ServerSettings, model_path: str) -> Any:
         context_shift=settings.context_shift,
         cache_reuse=settings.cache_reuse,
         kv_dtype=settings.cache_type_k,
+        repack=settings.repack,
         embeddings=settings.embeddings,
     )
 

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-penalty", type=float, default=1.0)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
     p.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt")
+    p.add_argument("-nr", "--no-repack", action="store_true", help="keep every weight in the memory-mapped file")
     return p
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = _engine("Tokenizer", "tokenizer").from_gguf(g)
         n_ctx_train = int(g.get(f"{g.architecture}.context_length", 0) or 0)
         n_ctx = args.ctx_size or n_ctx_train or 4096
-        model = _engine("load_model", "model")(g, n_slots=1, n_ctx=n_ctx)
+        model = _engine("load_model", "model")(g, n_slots=1, n_ctx=n_ctx, repack=not args.no_repack)
         sampling_params = _engine("SamplingParams", "sampling")
         params = sampling_params(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                  repeat_penalty=args.repeat_penalty, seed=args.seed, ignore_eos=args.ignore_eos)

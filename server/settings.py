@@ -32,6 +32,7 @@ class ServerSettings:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attn: str = "auto"  # accepted for compatibility
+    repack: bool = True  # False = --no-repack: weights stay in the mapped file (slower decode)
     warmup: bool = True  # run a 2-token generation before /health says ok (compiles the kernels)
     # http
     host: str = "127.0.0.1"

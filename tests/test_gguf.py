@@ -154,6 +154,26 @@ def test_tensors_are_zero_copy_readonly_views(tmp_path, valid):
             t.data[0] = 1
 
 
+def test_released_pages_read_back_the_same_bytes(tmp_path):
+    # a tensor spanning several pages: releasing them drops this process's copy only
+    page = 4096
+    path = tmp_path / "big.gguf"
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    data = np.random.default_rng(0).standard_normal((16, page)).astype(np.float32)
+    w.add_tensor("big", data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    g = GGUFFile(path)
+    info = g.tensors["big"]
+    before = info.data.tobytes()
+    g.release_pages(info)
+    g.release_pages(info)  # idempotent
+    assert info.data.tobytes() == before == data.tobytes()
+
+
 def test_custom_alignment(tmp_path):
     kvs = [("general.alignment", U32, 64)]
     built = build_gguf(kvs, ALL_TENSORS, alignment=64)

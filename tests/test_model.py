@@ -164,10 +164,14 @@ PROMPT = [1, 17, 33, 5, 79, 42, 8, 8, 60, 0, 23]
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("kv_dtype,tol", [("f32", 2e-3), ("f16", 2e-2)])
-def test_logits_match_numpy_reference(tmp_path, arch, kv_dtype, tol):
+@pytest.mark.parametrize("repack", [True, False])
+def test_logits_match_numpy_reference(tmp_path, arch, kv_dtype, tol, repack):
     ref = write_model(tmp_path / "m.gguf", arch)
-    model = load_model(GGUFFile(tmp_path / "m.gguf"), n_slots=2, n_ctx=32, kv_dtype=kv_dtype)
+    model = load_model(GGUFFile(tmp_path / "m.gguf"), n_slots=2, n_ctx=32, kv_dtype=kv_dtype, repack=repack)
     assert model.config.architecture == arch and model.n_vocab == N_VOCAB
+    # the Q5_0 ffn_gate is streamed every step: widened to Q8_0 in memory unless --no-repack
+    gate = model.weights.layers[0].w_gate
+    assert gate.ggml_type == (Q.Q8_0 if repack else Q.Q5_0)
     logits = run_prompt(model, PROMPT)
     expected = reference_forward(ref, arch, PROMPT)
     assert np.abs(expected).max() > 1.0  # the comparison is not between near-zero vectors

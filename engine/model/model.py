@@ -139,12 +139,13 @@ class Model:
         return act
 
 
-def load_model(g, n_slots: int, n_ctx: int, kv_dtype: str = "f16") -> Model:
-    """Build a Model from GGUFFile `g` with a KV cache of n_slots slots of n_ctx tokens each."""
+def load_model(g, n_slots: int, n_ctx: int, kv_dtype: str = "f16", repack: bool = True) -> Model:
+    """Build a Model from GGUFFile `g` with a KV cache of n_slots slots of n_ctx tokens each.
+    repack=False keeps every weight in the memory-mapped file (llama.cpp's --no-repack)."""
     if n_slots <= 0 or n_ctx <= 0:
         raise ValueError(f"n_slots and n_ctx must be > 0, got n_slots={n_slots} n_ctx={n_ctx}")
     config = ModelConfig.from_gguf(g)
-    weights = load_weights(g, config)
+    weights = load_weights(g, config, repack)
     kv_cache = KVCache(n_slots, config.n_layers, n_ctx, config.n_kv_heads, config.head_dim,
                        value_dim=config.value_dim, dtype=kv_dtype,
                        rope_specs=[config.rope_spec(layer) for layer in range(config.n_layers)])

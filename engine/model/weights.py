@@ -2,7 +2,9 @@
 
 Owns: naming (llama.cpp's tensor names), shape validation (a clear ValueError naming the tensor,
 expected and found shapes), and turning tensors into what the kernels take: 2-D weights stay
-quantized as `QuantMatrix` views of the memory-mapped file (no copy); 1-D norms and biases are
+quantized as `QuantMatrix` views of the memory-mapped file (no copy), except that with repacking
+on (the default) Q5_0 matrices streamed every step are widened to Q8_0 once, in memory (see
+kernels/repack.py); 1-D norms and biases are
 small and become float32 arrays. A missing `output.weight` means the output is tied to
 `token_embd.weight`, as llama.cpp does.
 """
@@ -14,6 +16,7 @@ import numpy as np
 
 from engine.gguf import GGMLType
 from kernels.matmul import QuantMatrix
+from kernels.repack import widen_q5_0_to_q8_0
 
 from .config import ModelConfig
 
@@ -61,8 +64,9 @@ class ModelWeights:
 
 
 class _TensorReader:
-    def __init__(self, g):
+    def __init__(self, g, repack: bool):
         self.g = g
+        self.repack = repack
 
     def info(self, name: str, shape: tuple[int, ...]):
         # shape in numpy order (rows, cols) / (n,)
@@ -73,8 +77,15 @@ class _TensorReader:
             raise ValueError(f"tensor '{name}' has shape {tuple(info.shape)}, expected {tuple(shape)}")
         return info
 
-    def matrix(self, name: str, m: int, k: int) -> QuantMatrix:
+    def matrix(self, name: str, m: int, k: int, streamed: bool = True) -> QuantMatrix:
+        """W (m, k) as a view of the file; a Q5_0 matrix that every decode step streams is widened
+        to Q8_0 in memory when repacking is on (kernels/repack.py says why) and its file pages
+        are released so the weights are resident once."""
         info = self.info(name, (m, k))
+        if self.repack and streamed and int(info.ggml_type) == GGMLType.Q5_0:
+            matrix = QuantMatrix(widen_q5_0_to_q8_0(info.data), GGMLType.Q8_0, m, k)
+            self.g.release_pages(info)
+            return matrix
         return QuantMatrix(info.data, int(info.ggml_type), m, k)
 
     def vector(self, name: str, n: int) -> np.ndarray:
@@ -94,9 +105,9 @@ class _TensorReader:
         return self.vector(name, n) if name in self.g.tensors else EMPTY
 
 
-def load_weights(g, config: ModelConfig) -> ModelWeights:
-    """Build the weights of every layer of `config` from GGUFFile `g`."""
-    t = _TensorReader(g)
+def load_weights(g, config: ModelConfig, repack: bool = True) -> ModelWeights:
+    """Build the weights of every layer of `config` from GGUFFile `g` (repack: see matrix())."""
+    t = _TensorReader(g, repack)
     c = config
     layers = []
     for i in range(c.n_layers):
@@ -125,7 +136,9 @@ def load_weights(g, config: ModelConfig) -> ModelWeights:
             lw.post_ffn_norm = t.vector(p + "post_ffw_norm.weight", c.n_embd)
         layers.append(lw)
 
-    token_embd = t.matrix("token_embd.weight", c.n_vocab, c.n_embd)
-    output = t.matrix("output.weight", c.n_vocab, c.n_embd) if "output.weight" in g.tensors else token_embd
+    tied = "output.weight" not in g.tensors
+    # an untied embedding table is only gathered (a few rows per step): it stays in the file
+    token_embd = t.matrix("token_embd.weight", c.n_vocab, c.n_embd, streamed=tied)
+    output = token_embd if tied else t.matrix("output.weight", c.n_vocab, c.n_embd)
     return ModelWeights(token_embd=token_embd, output_norm=t.vector("output_norm.weight", c.n_embd),
                         output=output, layers=layers)

@@ -1,0 +1,32 @@
+"""Load-time repacking: Q5_0 blocks widened to Q8_0 hold exactly the same weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from kernels.matmul import QuantMatrix, matmul
+from kernels.repack import widen_q5_0_to_q8_0
+
+
+@pytest.mark.parametrize("m,k", [(1, 32), (7, 96), (33, 640)])
+def test_widened_blocks_dequantize_to_the_same_weights(m, k):
+    rng = np.random.default_rng(m * k)
+    w = (rng.standard_normal((m, k)) * rng.uniform(0.01, 3.0, (m, 1))).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block (d = 0)
+    q5 = quantize(w, Q.Q5_0)
+    q8 = widen_q5_0_to_q8_0(q5)
+    assert q8.size == m * k // 32 * 34
+    expected = dequantize(q5, Q.Q5_0).reshape(m, k)
+    assert np.array_equal(dequantize(q8, Q.Q8_0).reshape(m, k), expected)
+    # and the widened matrix multiplies like the original
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    out = np.empty((3, m), np.float32)
+    matmul(x, QuantMatrix(q8, Q.Q8_0, m, k), out)
+    np.testing.assert_allclose(out, x @ expected.T, rtol=1e-4, atol=1e-4 * np.abs(x @ expected.T).max())
+
+
+def test_partial_blocks_are_refused():
+    with pytest.raises(ValueError, match="22-byte blocks"):
+        widen_q5_0_to_q8_0(np.zeros(30, np.uint8))
