@@ -22,9 +22,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from kernels.intdot import q8_0_round_trip, q8_k_round_trip, quantize_q8_0, quantize_q8_k
 from kernels.matmul_krows import rows_q4_k, rows_q6_k
 from kernels.matmul_rows import rows_generic, rows_q5_0, rows_q5_0_x2, rows_q8_0
-from kernels.quant import (Q4_K, TYPE_NAMES, as_bytes, block_layout, deq_range, deq_rows_parallel,
+from kernels.quant import (Q4_K, Q6_K, Q8_0, TYPE_NAMES, as_bytes, block_layout, deq_range, deq_rows_parallel,
                            f16_table)
 
 BLAS_MIN_ROWS = 32  # n at which matmul switches from the fused kernels to tile dequant + sgemm
@@ -72,28 +73,28 @@ class QuantMatrix:
 
 
 @njit(cache=True)
-def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xs, n, out, r0, r1, tmp):
+def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xqk, xdk, xbs, n, out, r0, r1, tmp):
     # out (n, m) flat, rows [r0, r1) of W (m, k) <- x (n, k) flat
     # Q5_0: n == 1 takes the single-x kernel (fastest decode), n >= 2 the two-x kernel, which
     # decodes each block once for two x rows and computes the same bits per row (checked by
     # tests/test_kernels_matmul.py). The other kernels run one x row per pass for every n.
     if ggml_type == 8:
-        rows_q8_0(u8, lut, m, k, xf, n, out, r0, r1)
+        rows_q8_0(u8, lut, m, k, xq, xd, n, out, r0, r1)
     elif ggml_type == 6:
         if n == 1:
             rows_q5_0(u8, lut, m, k, xf, n, out, r0, r1)
         else:
             rows_q5_0_x2(u8, lut, m, k, xf, n, out, r0, r1)
     elif ggml_type == 12:
-        rows_q4_k(u8, lut, m, k, xf, xs, n, out, r0, r1)
+        rows_q4_k(u8, lut, m, k, xqk, xdk, xbs, n, out, r0, r1)
     elif ggml_type == 14:
-        rows_q6_k(u8, lut, m, k, xf, n, out, r0, r1)
+        rows_q6_k(u8, lut, m, k, xqk, xdk, n, out, r0, r1)
     else:
         rows_generic(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, n, out, r0, r1, tmp)
 
 
 @njit(cache=True, parallel=True)
-def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, xs, n):
+def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, xq, xd, xqk, xdk, xbs, n):
     # tasks (T, 3) = (slot, r0, r1); meta (3, 4) = (ggml_type, block_size, block_bytes, m) per slot
     for t in prange(tasks.shape[0]):
         s = tasks[t, 0]
@@ -101,25 +102,14 @@ def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, xs, n):
         fused = ty == 8 or ty == 6 or ty == 12 or ty == 14
         tmp = np.empty(0 if fused else 4 * k, np.float32)  # decode scratch for rows_generic
         if s == 0:
-            _rows(meta[0, 0], meta[0, 1], meta[0, 2], u0, lut, meta[0, 3], k, xf, xs, n, o0,
+            _rows(meta[0, 0], meta[0, 1], meta[0, 2], u0, lut, meta[0, 3], k, xf, xq, xd, xqk, xdk, xbs, n, o0,
                   tasks[t, 1], tasks[t, 2], tmp)
         elif s == 1:
-            _rows(meta[1, 0], meta[1, 1], meta[1, 2], u1, lut, meta[1, 3], k, xf, xs, n, o1,
+            _rows(meta[1, 0], meta[1, 1], meta[1, 2], u1, lut, meta[1, 3], k, xf, xq, xd, xqk, xdk, xbs, n, o1,
                   tasks[t, 1], tasks[t, 2], tmp)
         else:
-            _rows(meta[2, 0], meta[2, 1], meta[2, 2], u2, lut, meta[2, 3], k, xf, xs, n, o2,
+            _rows(meta[2, 0], meta[2, 1], meta[2, 2], u2, lut, meta[2, 3], k, xf, xq, xd, xqk, xdk, xbs, n, o2,
                   tasks[t, 1], tasks[t, 2], tmp)
-
-
-@njit(cache=True)
-def _block_sums(xf, n, k, xs):
-    # x (n, k) flat -> xs (n, k/32) flat: sums of each 32-element block (Q4_K minimums)
-    for j in range(n):
-        for b in range(k // 32):
-            s = np.float32(0.0)
-            for i in range(32):
-                s += xf[j * k + b * 32 + i]
-            xs[j * (k // 32) + b] = s
 
 
 def _check(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
@@ -129,9 +119,9 @@ def _check(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
         raise ValueError(f"out must be f32 ({x.shape[0]}, {w.m}), got {out.dtype} {out.shape}")
 
 
-def _plan(ws: list[QuantMatrix]) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(meta (3, 4), tasks (T, 3), needs x block sums) for one group of matrices, cached on the
-    first matrix: building them costs ~5 us, and decode repeats the same groups every step."""
+def _plan(ws: list[QuantMatrix]) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+    """(meta (3, 4), tasks (T, 3), needs x as Q8_0, needs x as Q8_K) for one group of matrices,
+    cached on the first matrix: building them costs ~5 us, and decode repeats the same groups."""
     key = tuple(ws[1:])
     plan = ws[0]._plans.get(key)
     if plan is None:
@@ -142,7 +132,8 @@ def _plan(ws: list[QuantMatrix]) -> tuple[np.ndarray, np.ndarray, bool]:
             t = w.tasks.copy()
             t[:, 0] = s
             tasks.append(t)
-        plan = (meta, np.ascontiguousarray(np.concatenate(tasks)), any(w.ggml_type == Q4_K for w in ws))
+        plan = (meta, np.ascontiguousarray(np.concatenate(tasks)), any(w.ggml_type == Q8_0 for w in ws),
+                any(w.ggml_type in (Q4_K, Q6_K) for w in ws))
         ws[0]._plans[key] = plan
     return plan
 
@@ -152,17 +143,21 @@ def _fused(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None
     n, k = x.shape
     xf = np.ascontiguousarray(x).reshape(-1)
     flats = [o.reshape(-1) if o.flags.c_contiguous else np.empty(o.size, np.float32) for o in outs]
-    meta, tasks, needs_sums = _plan(ws)
-    if needs_sums:
-        xs = np.empty(n * (k // 32), np.float32)  # (n, k/32) sums of x blocks, for Q4_K mins
-        _block_sums(xf, n, k, xs)
-    else:
-        xs = np.empty(0, np.float32)
+    meta, tasks, needs_q8_0, needs_q8_k = _plan(ws)
+    # x quantized as each kernel's integer dot wants it (kernels/intdot.py), once per call
+    xq, xd = np.empty(0, np.int16), np.empty(0, np.float32)
+    if needs_q8_0:  # (n, k) int16 values, (n, k/32) scales
+        xq, xd = np.empty(n * k, np.int16), np.empty(n * (k // 32), np.float32)
+        quantize_q8_0(xf, n, k, xq, xd)
+    xqk, xdk, xbs = np.empty(0, np.int16), np.empty(0, np.float32), np.empty(0, np.int32)
+    if needs_q8_k:  # (n, k) int16 values, (n, k/256) scales, (n, k/32) int sums
+        xqk, xdk, xbs = np.empty(n * k, np.int16), np.empty(n * (k // 256), np.float32), np.empty(n * (k // 32), np.int32)
+        quantize_q8_k(xf, n, k, xqk, xdk, xbs)
     us = [w.data for w in ws]
     while len(us) < 3:  # unused slots get any valid array of the same numba type
         us.append(us[0])
         flats.append(flats[0])
-    _run_tasks(tasks, meta, us[0], us[1], us[2], flats[0], flats[1], flats[2], f16_table(), k, xf, xs, n)
+    _run_tasks(tasks, meta, us[0], us[1], us[2], flats[0], flats[1], flats[2], f16_table(), k, xf, xq, xd, xqk, xdk, xbs, n)
     for o, f in zip(outs, flats):
         if not o.flags.c_contiguous:
             o[...] = f.reshape(o.shape)
@@ -173,6 +168,12 @@ def _blas(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
     # _TILE_BYTES) and let numpy's sgemm do x @ tile^T. The decode is serial on purpose:
     # measured, a numba parallel region between sgemm calls made OpenMP and OpenBLAS threads
     # fight over the 2 cores (2.3x slower), while the serial decode is ~20% of the sgemm time.
+    # the fused kernels multiply Q8_0 / Q4_K / Q6_K matrices with x rounded to Q8_0 / Q8_K
+    # (kernels/intdot.py, as llama.cpp does); prefill rounds it the same way
+    if w.ggml_type == Q8_0:
+        x = q8_0_round_trip(x)
+    elif w.ggml_type in (Q4_K, Q6_K):
+        x = q8_k_round_trip(x)
     rows = max(4, min(w.m, _TILE_BYTES // (4 * w.k)))
     tile = np.empty((rows, w.k), np.float32)
     bpr = w.k // w.block_size
@@ -189,27 +190,60 @@ def _blas(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
             out[:, r0:r1] = x @ t.T
 
 
-def matmul(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
-    """out (n, m) = x (n, k) @ W (m, k)^T, f32."""
+def blas_rows_by_group(groups: np.ndarray) -> np.ndarray:
+    """(n,) bool: the rows whose group (e.g. slot id) has >= BLAS_MIN_ROWS rows in the batch.
+
+    Passed as `blas_rows`, this makes a row's path, and so its bits, depend only on its own
+    group's size: a prompt chunk gets the same numbers alone or batched with other slots."""
+    groups = np.asarray(groups).reshape(-1)
+    if groups.size < BLAS_MIN_ROWS:
+        return np.zeros(groups.size, bool)
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    return counts[inverse] >= BLAS_MIN_ROWS
+
+
+def matmul(x: np.ndarray, w: QuantMatrix, out: np.ndarray, blas_rows: np.ndarray | None = None) -> None:
+    """out (n, m) = x (n, k) @ W (m, k)^T, f32. blas_rows (n,) bool picks the rows that take the
+    dequantize + BLAS path (default: all rows when n >= BLAS_MIN_ROWS, else none)."""
     _check(x, w, out)
-    if x.shape[0] >= BLAS_MIN_ROWS:
-        _blas(x, w, out)
-    elif x.shape[0] > 0:
-        _fused(x, [w], [out])
+    matmul_multi(x, [w], [out], blas_rows)
 
 
-def matmul_multi(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None:
+def matmul_multi(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray],
+                 blas_rows: np.ndarray | None = None) -> None:
     """out_i = x @ W_i^T for several matrices sharing x (QKV, gate/up) in one parallel region."""
     if len(ws) != len(outs):
         raise ValueError(f"{len(ws)} matrices but {len(outs)} outputs")
     for w, o in zip(ws, outs):
         _check(x, w, o)
-    if x.shape[0] >= BLAS_MIN_ROWS:
-        for w, o in zip(ws, outs):
-            _blas(x, w, o)
+    n = x.shape[0]
+    if blas_rows is None:
+        n_blas = n if n >= BLAS_MIN_ROWS else 0
+    else:
+        blas_rows = np.asarray(blas_rows, bool).reshape(-1)
+        if blas_rows.shape != (n,):
+            raise ValueError(f"blas_rows must be a ({n},) bool mask, got shape {blas_rows.shape}")
+        n_blas = int(np.count_nonzero(blas_rows))
+    if n == 0:
         return
-    if x.shape[0] == 0:
-        return
+    if n_blas == n:
+        _blas_all(x, ws, outs)
+    elif n_blas == 0:
+        _fused_all(x, ws, outs)
+    else:  # a mixed batch: each part on its own path, results scattered back
+        for rows, path in ((np.flatnonzero(blas_rows), _blas_all), (np.flatnonzero(~blas_rows), _fused_all)):
+            part = [np.empty((rows.size, w.m), np.float32) for w in ws]
+            path(np.ascontiguousarray(x[rows]), ws, part)
+            for o, p in zip(outs, part):
+                o[rows] = p
+
+
+def _blas_all(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None:
+    for w, o in zip(ws, outs):
+        _blas(x, w, o)
+
+
+def _fused_all(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None:
     for i in range(0, len(ws), 3):
         _fused(x, list(ws[i:i + 3]), list(outs[i:i + 3]))
 

@@ -1,12 +1,14 @@
 """Row-group matvec kernels for the k-quants used by Q4_K_M models: Q4_K and Q6_K.
 
-Same scheme as matmul_rows.py (several weight rows per inner loop so LLVM vectorizes along
-the elements, uint64 indices, tail rows clamped to m-1 and not stored, j outer loop so results
-are batch invariant). Q4_K's per-sub-block minimum is applied with precomputed x block sums:
+As llama.cpp does, x is quantized to Q8_K first (kernels/intdot.py) and each 256-value
+super-block is one exact integer sum of weight x activation products (vpmaddwd on AVX2),
+scaled once in f32. Q4_K's per-sub-block minimum uses the int sums of x's 32-value blocks:
 sum_l (d*sc*q_l - dmin*mn) * x_l = d*sc*sum_l q_l*x_l - dmin*mn*sum_l x_l.
+Tail rows are clamped to m-1 and not stored; the j (x row) loop is outermost around an
+identical body, so results are bitwise batch invariant.
 
-Shapes: u8 raw bytes of W (m, k); xf = x (n, k) flattened; xs = per-32-element sums of x,
-(n, k/32) flattened; out = (n, m) flattened.
+Shapes: u8 raw bytes of W (m, k); xq = x (n, k) as Q8_K int16 values, flattened; xd = (n, k/256)
+scales; xbs = (n, k/32) int32 sums of xq; out = (n, m) flattened.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import numpy as np
 from numba import njit
 
 from kernels.matmul_rows import _prefetch_ahead
+from kernels.intdot import dot32_q6_i16, dot64_u4_i16
 from kernels.quant_kquants import scale_min_k4
 
 U = np.uint64
-I2, I3, I4, I6, I15, I32 = (np.int32(v) for v in (2, 3, 4, 6, 15, 32))
 
 
 @njit(cache=True, inline="always")
@@ -25,25 +27,15 @@ def _f16(u8, lut, o):
     return lut[np.int64(u8[U(o)]) | (np.int64(u8[U(o + 1)]) << 8)]
 
 
-@njit(cache=True, inline="always")
-def _q4k_group(u8, lut, o, g, pl, ph, xsl, xsh):
-    # super-block at byte o, 64-element group g: apply the two sub-block scales and mins
-    d = _f16(u8, lut, o)
-    dmin = _f16(u8, lut, o + 2)
-    sc1, m1 = scale_min_k4(u8, o + 4, 2 * g)
-    sc2, m2 = scale_min_k4(u8, o + 4, 2 * g + 1)
-    return (d * (np.float32(sc1) * pl + np.float32(sc2) * ph)
-            - dmin * (np.float32(m1) * xsl + np.float32(m2) * xsh))
-
-
-@njit(cache=True, fastmath=True)
-def rows_q4_k(u8, lut, m, k, xf, xs, n, out, r0, r1):
-    # W Q4_K (m, k): super-block = d, dmin, 12 scale bytes, 128 bytes of nibbles.
-    # Two W rows per inner loop, one x row per pass (j outer) for every n: a two-x-row
-    # variant ran at 3.5 vs 5.3 GMAC/s for n=1 and its bits differ from this one.
+@njit(cache=True)
+def rows_q4_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
+    # W Q4_K (m, k): super-block = d, dmin, 12 scale bytes, 128 bytes of nibbles, times x as
+    # Q8_K (xq (n, k) int16, xd (n, k/256) f32, xbs (n, k/32) int32 sums; kernels/intdot.py).
+    # Per super-block: isum = sum_s sc_s * (q . xq)_s and imin = sum_s mn_s * xbs_s are exact
+    # integers; the row sum adds dx * (d * isum - dmin * imin) block by block in f32 without
+    # fastmath, so a row's bits never depend on n. Two W rows per pass.
     nb = k // 256
     row_bytes = nb * 144
-    nsub = k // 32
     for r in range(r0, r1, 2):
         oa = r * row_bytes
         ob = min(r + 1, m - 1) * row_bytes
@@ -52,26 +44,27 @@ def rows_q4_k(u8, lut, m, k, xf, xs, n, out, r0, r1):
             s0 = s1 = np.float32(0.0)
             for b in range(nb):
                 bo = b * 144
-                for g in range(4):
-                    _prefetch_ahead(u8, oa + 2 * bo + g * 72, 2)  # 2 rows x 144 bytes / 4 groups
-                    a0 = a1 = c0 = c1 = np.float32(0.0)  # (W row a, b) x (low, high nibbles)
-                    qo = bo + 16 + g * 32
-                    xo = xb + b * 256 + g * 64
-                    for l in range(32):
-                        xl = xf[U(xo + l)]
-                        xh = xf[U(xo + 32 + l)]
-                        q = np.int32(u8[U(oa + qo + l)])
-                        a0 += np.float32(np.int32(q & I15)) * xl
-                        c0 += np.float32(np.int32(q >> I4)) * xh
-                        q = np.int32(u8[U(ob + qo + l)])
-                        a1 += np.float32(np.int32(q & I15)) * xl
-                        c1 += np.float32(np.int32(q >> I4)) * xh
-                    sub = b * 8 + 2 * g
-                    xsl = xs[j * nsub + sub]
-                    xsh = xs[j * nsub + sub + 1]
-                    s0 += _q4k_group(u8, lut, oa + bo, g, a0, c0, xsl, xsh)
-                    s1 += _q4k_group(u8, lut, ob + bo, g, a1, c1, xsl, xsh)
+                _prefetch_ahead(u8, oa + 2 * bo, 5)  # 2 rows x 144 bytes
+                xo = xb + b * 256
+                so = j * (k // 32) + b * 8
+                dx = xd[j * nb + b]
+                s0 += dx * _q4k_block(u8, lut, oa + bo, xq, xo, xbs, so)
+                s1 += dx * _q4k_block(u8, lut, ob + bo, xq, xo, xbs, so)
             _store2(out, j * m, r, m, s0, s1)
+
+
+@njit(cache=True, inline="always")
+def _q4k_block(u8, lut, o, xq, xo, xbs, so):
+    # d * isum - dmin * imin for the Q4_K super-block at byte o against 256 Q8_K values at xo
+    isum = np.int32(0)
+    imin = np.int32(0)
+    for g in range(4):
+        lo, hi = dot64_u4_i16(u8, U(o + 16 + 32 * g), xq, U(xo + 64 * g))
+        sc1, m1 = scale_min_k4(u8, o + 4, 2 * g)
+        sc2, m2 = scale_min_k4(u8, o + 4, 2 * g + 1)
+        isum += np.int32(sc1) * lo + np.int32(sc2) * hi
+        imin += np.int32(m1) * xbs[so + 2 * g] + np.int32(m2) * xbs[so + 2 * g + 1]
+    return _f16(u8, lut, o) * np.float32(isum) - _f16(u8, lut, o + 2) * np.float32(imin)
 
 
 @njit(cache=True, inline="always")
@@ -81,32 +74,11 @@ def _store2(out, base, r, m, s0, s1):
         out[base + r + 1] = s1
 
 
-@njit(cache=True, inline="always")
-def _q6(u8, o, half, l):
-    # Q6_K super-block at byte o: the four 6-bit values (l, l+32, l+64, l+96) of a 128-half
-    a = np.int32(u8[U(o + half * 64 + l)])
-    b = np.int32(u8[U(o + half * 64 + 32 + l)])
-    h = np.int32(u8[U(o + 128 + half * 32 + l)])
-    # int32 everywhere: numba's int64 promotion would halve the vector width
-    q1 = np.int32(np.int32(a & I15) | np.int32(np.int32(h & I3) << I4)) - I32
-    q2 = np.int32(np.int32(b & I15) | np.int32(np.int32(np.int32(h >> I2) & I3) << I4)) - I32
-    q3 = np.int32(np.int32(a >> I4) | np.int32(np.int32(np.int32(h >> I4) & I3) << I4)) - I32
-    q4 = np.int32(np.int32(b >> I4) | np.int32(np.int32(np.int32(h >> I6) & I3) << I4)) - I32
-    return np.float32(np.int32(q1)), np.float32(np.int32(q2)), np.float32(np.int32(q3)), np.float32(np.int32(q4))
-
-
-@njit(cache=True, inline="always")
-def _q6k_scale(u8, lut, o, half, s, p1, p2, p3, p4):
-    so = o + 192 + half * 8 + s
-    return _f16(u8, lut, o + 208) * (np.float32(np.int8(u8[so])) * p1 + np.float32(np.int8(u8[so + 2])) * p2
-                                     + np.float32(np.int8(u8[so + 4])) * p3 + np.float32(np.int8(u8[so + 6])) * p4)
-
-
-@njit(cache=True, fastmath=True)
-def rows_q6_k(u8, lut, m, k, xf, n, out, r0, r1):
-    # W Q6_K (m, k): super-block = ql[128], qh[64], int8 scales[16] (one per 16 values), d.
-    # Two W rows per inner loop (4 partial sums per row already make 8 accumulators), one x
-    # row per pass: a two-x-row variant was measured to give slot-dependent bits.
+@njit(cache=True)
+def rows_q6_k(u8, lut, m, k, xq, xd, n, out, r0, r1):
+    # W Q6_K (m, k): super-block = ql[128], qh[64], int8 scales[16] (one per 16 values), f16 d,
+    # times x as Q8_K (xq (n, k) int16, xd (n, k/256) f32). isum = sum_g sc_g * (q . xq)_g is an
+    # exact integer per super-block; the row sum adds dx * d * isum in f32, blocks in order.
     nb = k // 256
     row_bytes = nb * 210
     for r in range(r0, r1, 2):
@@ -117,28 +89,26 @@ def rows_q6_k(u8, lut, m, k, xf, n, out, r0, r1):
             s0 = s1 = np.float32(0.0)
             for b in range(nb):
                 bo = b * 210
-                for half in range(2):
-                    xo = xb + b * 256 + half * 128
-                    for s in range(2):
-                        _prefetch_ahead(u8, oa + 2 * bo + (half * 2 + s) * 105, 2)  # 2 x 210 B / 4
-                        a1 = a2 = a3 = a4 = np.float32(0.0)
-                        c1 = c2 = c3 = c4 = np.float32(0.0)
-                        for t in range(16):
-                            l = s * 16 + t
-                            x1 = xf[U(xo + l)]
-                            x2 = xf[U(xo + 32 + l)]
-                            x3 = xf[U(xo + 64 + l)]
-                            x4 = xf[U(xo + 96 + l)]
-                            q1, q2, q3, q4 = _q6(u8, oa + bo, half, l)
-                            a1 += q1 * x1
-                            a2 += q2 * x2
-                            a3 += q3 * x3
-                            a4 += q4 * x4
-                            q1, q2, q3, q4 = _q6(u8, ob + bo, half, l)
-                            c1 += q1 * x1
-                            c2 += q2 * x2
-                            c3 += q3 * x3
-                            c4 += q4 * x4
-                        s0 += _q6k_scale(u8, lut, oa + bo, half, s, a1, a2, a3, a4)
-                        s1 += _q6k_scale(u8, lut, ob + bo, half, s, c1, c2, c3, c4)
+                _prefetch_ahead(u8, oa + 2 * bo, 7)  # 2 rows x 210 bytes
+                xo = xb + b * 256
+                dx = xd[j * nb + b]
+                s0 += dx * _q6k_block(u8, lut, oa + bo, xq, xo)
+                s1 += dx * _q6k_block(u8, lut, ob + bo, xq, xo)
             _store2(out, j * m, r, m, s0, s1)
+
+
+@njit(cache=True, inline="always")
+def _q6k_block(u8, lut, o, xq, xo):
+    # d * isum for the Q6_K super-block at byte o against 256 Q8_K values at xo. In a 128-value
+    # half, value l + 32 * g (g = 0..3) has its low 4 bits in ql[l + 32 * (g & 1)] (low nibble
+    # for g < 2, high for g >= 2) and its top 2 bits at bit 2 * g of qh[l]; scale sc[8 * half + 2 * g + l // 16].
+    isum = np.int32(0)
+    for half in range(2):
+        ql = o + 64 * half
+        qh = o + 128 + 32 * half
+        sc = o + 192 + 8 * half
+        for g in range(4):
+            first, second = dot32_q6_i16(u8, U(ql + 32 * (g & 1)), U(qh), 4 * (g >> 1), 2 * g, xq,
+                                         U(xo + 128 * half + 32 * g))
+            isum += np.int32(np.int8(u8[sc + 2 * g])) * first + np.int32(np.int8(u8[sc + 2 * g + 1])) * second
+    return _f16(u8, lut, o + 208) * np.float32(isum)

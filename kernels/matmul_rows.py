@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from kernels.intdot import dot_row_q8_0
 from kernels.prefetch import prefetch
 from kernels.quant import deq_range
 
@@ -27,38 +28,20 @@ U = np.uint64
 I0, I4, I15, I16 = np.int32(0), np.int32(4), np.int32(15), np.int32(16)
 
 
-@njit(cache=True, fastmath=True)
-def rows_q8_0(u8, lut, m, k, xf, n, out, r0, r1):
-    # W Q8_0 (m, k): block = f16 d, 32 x int8. One x row per pass (j outer) for every n:
-    # a two-x-row variant ran at 8 vs 12 GMAC/s for n=1, and its bits differ from this one.
-    u16 = u8.view(np.uint16)  # every f16 / qh field sits at an even byte offset
+@njit(cache=True)
+def rows_q8_0(u8, lut, m, k, xq, xd, n, out, r0, r1):
+    # W Q8_0 (m, k): block = f16 d, 32 x int8, times x quantized to Q8_0 (kernels/intdot.py):
+    # xq (n, k) int16 flat, xd (n, k/32) f32 flat. One weight row against each x row in turn
+    # through dot_row_q8_0 (exact integer block sums, fixed-order f32 accumulation), so a row's
+    # bits never depend on n. The next rows are prefetched a row at a time.
     nb = k // 32
     row_bytes = nb * 34
-    for r in range(r0, r1, 4):
-        oa = r * row_bytes
-        ob = min(r + 1, m - 1) * row_bytes
-        oc = min(r + 2, m - 1) * row_bytes
-        od = min(r + 3, m - 1) * row_bytes
+    for r in range(r0, r1):
+        o = r * row_bytes
+        for line in range(0, row_bytes, 64):
+            prefetch(u8, U(o + PREFETCH_DISTANCE + line))
         for j in range(n):
-            xb = j * k
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for b in range(nb):
-                _prefetch_ahead(u8, oa + 4 * b * 34, 3)
-                p0 = p1 = p2 = p3 = np.float32(0.0)
-                bo = b * 34 + 2
-                xo = xb + b * 32
-                for i in range(32):
-                    xv = xf[U(xo + i)]
-                    p0 += np.float32(np.int8(u8[U(oa + bo + i)])) * xv
-                    p1 += np.float32(np.int8(u8[U(ob + bo + i)])) * xv
-                    p2 += np.float32(np.int8(u8[U(oc + bo + i)])) * xv
-                    p3 += np.float32(np.int8(u8[U(od + bo + i)])) * xv
-                bo -= 2
-                s0 += _f16h(u16, lut, oa + bo) * p0
-                s1 += _f16h(u16, lut, ob + bo) * p1
-                s2 += _f16h(u16, lut, oc + bo) * p2
-                s3 += _f16h(u16, lut, od + bo) * p3
-            _store4(out, j * m, r, m, s0, s1, s2, s3)
+            out[j * m + r] = dot_row_q8_0(u8, U(o), nb, lut, xq, xd, U(j * nb))
 
 
 # How far ahead of a row group's progress the kernels prefetch: one 4 KB page, measured best

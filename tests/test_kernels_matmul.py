@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.matmul import BLAS_MIN_ROWS, QuantMatrix, get_rows, matmul, matmul_multi
-from kernels.quant import BLOCK_LAYOUT, TYPE_NAMES
+from kernels.matmul import BLAS_MIN_ROWS, QuantMatrix, blas_rows_by_group, get_rows, matmul, matmul_multi
+from kernels.quant import BLOCK_LAYOUT, Q4_K, Q6_K, Q8_0, TYPE_NAMES
 from tests.test_kernels_quant import oracle, random_blocks
 
 ALL_TYPES = sorted(BLOCK_LAYOUT)
@@ -19,6 +19,41 @@ def make_matrix(rng, ggml_type: int, m: int, k: int) -> tuple[QuantMatrix, np.nd
 
 def k_for(ggml_type: int, blocks: int) -> int:
     return blocks * max(BLOCK_LAYOUT[ggml_type][0], 32)
+
+
+def ggml_q8_0_activations(x: np.ndarray) -> np.ndarray:
+    """x as ggml's quantize_row_q8_0 leaves it (numpy oracle): per 32 values d = max|x| / 127
+    stored as f16, values round-half-even(x * 127 / max|x|); returned dequantized, f64."""
+    n, k = x.shape
+    blocks = x.reshape(n, k // 32, 32).astype(np.float32)
+    d = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.rint(blocks * inv)
+    return (q * d.astype(np.float16).astype(np.float64)).reshape(n, k)
+
+
+def ggml_q8_k_activations(x: np.ndarray) -> np.ndarray:
+    """x as ggml's quantize_row_q8_K_ref leaves it (numpy oracle): per 256 values, max = the
+    value of largest |x| (first on ties), iscale = -127 / max, q = min(127, round-half-even(iscale
+    * x)), d = 1 / iscale; returned dequantized, f64."""
+    n, k = x.shape
+    blocks = x.reshape(n, k // 256, 256).astype(np.float32)
+    vmax = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(vmax != 0, np.float32(-127) / vmax, np.float32(0)).astype(np.float32)
+        d = np.where(iscale != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    q = np.minimum(np.float32(127), np.rint(iscale * blocks))
+    return (q * d.astype(np.float64)).reshape(n, k)
+
+
+def effective_x(x: np.ndarray, ggml_type: int) -> np.ndarray:
+    """The activations a matmul really multiplies, as in llama.cpp: Q8_0 weights take x rounded
+    to Q8_0 and Q4_K / Q6_K weights x rounded to Q8_K (on both the fused and the BLAS path);
+    every other type takes x as is."""
+    if ggml_type == Q8_0:
+        return ggml_q8_0_activations(x)
+    return ggml_q8_k_activations(x) if ggml_type in (Q4_K, Q6_K) else x
 
 
 def assert_close_to_reference(out: np.ndarray, x: np.ndarray, w_f32: np.ndarray) -> None:
@@ -38,7 +73,7 @@ def test_matmul_matches_dequantized_reference(ggml_type, m, blocks):
         x = rng.standard_normal((n, k)).astype(np.float32)
         out = np.full((n, m), np.nan, np.float32)
         matmul(x, w, out)
-        assert_close_to_reference(out, x, w_f32)
+        assert_close_to_reference(out, effective_x(x, ggml_type), w_f32)
 
 
 @pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=IDS)
@@ -56,6 +91,33 @@ def test_fused_path_is_batch_invariant(ggml_type):
         out = np.empty((n, m), np.float32)
         matmul(xs[order], w, out)
         np.testing.assert_array_equal(out, single[order], err_msg=f"n={n}")
+
+
+def test_blas_rows_by_group_marks_rows_of_big_groups():
+    groups = np.array([2] * BLAS_MIN_ROWS + [0, 1, 1] + [2])
+    mask = blas_rows_by_group(groups)
+    assert mask.tolist() == [True] * BLAS_MIN_ROWS + [False] * 3 + [True]
+    assert not blas_rows_by_group(np.zeros(BLAS_MIN_ROWS - 1)).any()
+
+
+@pytest.mark.parametrize("ggml_type", [8, 12])
+def test_mixed_blas_mask_gives_each_row_its_own_paths_bits(ggml_type):
+    rng = np.random.default_rng(21)
+    k = 256
+    w, _ = make_matrix(rng, ggml_type, 19, k)
+    big = rng.standard_normal((BLAS_MIN_ROWS + 2, k)).astype(np.float32)
+    small = rng.standard_normal((3, k)).astype(np.float32)
+    alone_big, alone_small = np.empty((big.shape[0], 19), np.float32), np.empty((3, 19), np.float32)
+    matmul(big, w, alone_big)
+    matmul(small, w, alone_small)
+    x = np.concatenate([small[:1], big, small[1:]])
+    mask = np.array([False] + [True] * big.shape[0] + [False, False])
+    out = np.empty((x.shape[0], 19), np.float32)
+    matmul(x, w, out, mask)
+    np.testing.assert_array_equal(out[1:-2], alone_big)
+    np.testing.assert_array_equal(out[[0, -2, -1]], alone_small)
+    with pytest.raises(ValueError, match="blas_rows"):
+        matmul(x, w, out, mask[:-1])
 
 
 def test_matmul_multi_equals_separate_calls_with_mixed_types():
@@ -88,7 +150,7 @@ def test_prefill_path_for_many_rows():
     x = rng.standard_normal((200, 512)).astype(np.float32)
     out = np.empty((200, 70), np.float32)
     matmul(x, w, out)
-    assert_close_to_reference(out, x, w_f32)
+    assert_close_to_reference(out, effective_x(x, 12), w_f32)
 
 
 def test_output_views_and_non_contiguous_inputs():
@@ -99,7 +161,7 @@ def test_output_views_and_non_contiguous_inputs():
     out_full = np.zeros((4, 30), np.float32)
     out = out_full[:, 5:25]  # non-contiguous out
     matmul(x, w, out)
-    assert_close_to_reference(out, np.ascontiguousarray(x), w_f32)
+    assert_close_to_reference(out, effective_x(np.ascontiguousarray(x), 8), w_f32)
     assert not out_full[:, :5].any() and not out_full[:, 25:].any()
 
 

@@ -12,6 +12,7 @@ from gguf.quants import dequantize, quantize
 
 from engine.gguf import GGUFFile
 from engine.model import SUPPORTED_ARCHITECTURES, ModelConfig, load_model
+from tests.test_kernels_matmul import ggml_q8_0_activations, ggml_q8_k_activations
 
 N_VOCAB, N_EMBD, N_HEADS, N_KV, HEAD_DIM, N_FF, N_LAYERS = 80, 64, 4, 2, 16, 256, 2
 
@@ -24,8 +25,12 @@ def _q6_k_random(rng, m, k):
     return blocks.reshape(m, -1)
 
 
+TYPES = "__types__"  # the reference dict's entry mapping tensor name -> GGML type
+
+
 def write_model(path, arch="llama", seed=0, tied=False, sliding_window=0, extra=None):
-    """Write a 2-layer model of `arch` with weights in assorted GGML types; returns {name: f32 array}."""
+    """Write a 2-layer model of `arch` with weights in assorted GGML types; returns {name: f32
+    array} plus {TYPES: {name: type}}."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(N_LAYERS)
@@ -43,8 +48,10 @@ def write_model(path, arch="llama", seed=0, tied=False, sliding_window=0, extra=
     for key, value in (extra or {}).items():
         w.add_key_value(key, *value)
     ref = {}
+    tensor_types = {}
 
     def add(name, shape, qtype=Q.F32, scale=0.2, offset=0.0):
+        tensor_types[name] = qtype
         x = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
         if qtype == Q.F32:
             data, ref[name] = x, x
@@ -88,6 +95,7 @@ def write_model(path, arch="llama", seed=0, tied=False, sliding_window=0, extra=
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    ref[TYPES] = tensor_types
     return ref
 
 
@@ -110,16 +118,29 @@ def _rope(x, base, neox):
     return out
 
 
-def reference_forward(ref, arch, tokens, swa_layers=(), window=0, embeddings=False):
-    """llama.cpp's graph for llama/qwen2/qwen3/gemma3, in float64 numpy, positions 0..n-1."""
-    t = {k: v.astype(np.float64) for k, v in ref.items()}
+def reference_forward(ref, arch, tokens, swa_layers=(), window=0, embeddings=False, repack=True):
+    """llama.cpp's graph for llama/qwen2/qwen3/gemma3, in float64 numpy, positions 0..n-1.
+    Like llama.cpp (and the engine's kernels), a Q8_0 matrix multiplies its input rounded to Q8_0
+    (with repacking a Q5_0 matrix is one, kernels/repack.py) and a Q4_K / Q6_K matrix its input
+    rounded to Q8_K."""
+    types = ref[TYPES]
+    t = {k: v.astype(np.float64) for k, v in ref.items() if k != TYPES}
     n = len(tokens)
+    q8_types = {Q.Q8_0, Q.Q5_0} if repack else {Q.Q8_0}
+
+    def mm(h, name):  # h @ W^T with the activations the engine's kernel for W really uses
+        if types[name] in q8_types:
+            h = ggml_q8_0_activations(h)
+        elif types[name] in (Q.Q4_K, Q.Q6_K):
+            h = ggml_q8_k_activations(h)
+        return h @ t[name].T
+
     gemma = arch == "gemma3"
     x = t["token_embd.weight"][tokens] * (math.sqrt(N_EMBD) if gemma else 1.0)
     for i in range(N_LAYERS):
         p = f"blk.{i}."
         h = _rms(x, t[p + "attn_norm.weight"])
-        q, k, v = (h @ t[p + f"attn_{c}.weight"].T + t.get(p + f"attn_{c}.bias", 0.0) for c in "qkv")
+        q, k, v = (mm(h, p + f"attn_{c}.weight") + t.get(p + f"attn_{c}.bias", 0.0) for c in "qkv")
         q, k, v = q.reshape(n, N_HEADS, HEAD_DIM), k.reshape(n, N_KV, HEAD_DIM), v.reshape(n, N_KV, HEAD_DIM)
         if arch in ("qwen3", "gemma3"):
             q, k = _rms(q, t[p + "attn_q_norm.weight"]), _rms(k, t[p + "attn_k_norm.weight"])
@@ -134,24 +155,24 @@ def reference_forward(ref, arch, tokens, swa_layers=(), window=0, embeddings=Fal
                 s = k[lo:pos + 1, kv] @ q[pos, hd] / math.sqrt(HEAD_DIM)
                 e = np.exp(s - s.max())
                 attn[pos, hd] = e @ v[lo:pos + 1, kv] / e.sum()
-        o = attn.reshape(n, -1) @ t[p + "attn_output.weight"].T
+        o = mm(attn.reshape(n, -1), p + "attn_output.weight")
         if gemma:
             o = _rms(o, t[p + "post_attention_norm.weight"])
         x = x + o
         h = _rms(x, t[p + "ffn_norm.weight"])
-        g, u = h @ t[p + "ffn_gate.weight"].T, h @ t[p + "ffn_up.weight"].T
+        g, u = mm(h, p + "ffn_gate.weight"), mm(h, p + "ffn_up.weight")
         if gemma:
             a = 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3))) * u
         else:
             a = g / (1 + np.exp(-g)) * u
-        d = a @ t[p + "ffn_down.weight"].T
+        d = mm(a, p + "ffn_down.weight")
         if gemma:
             d = _rms(d, t[p + "post_ffw_norm.weight"])
         x = x + d
     x = _rms(x, t["output_norm.weight"])
     if embeddings:
         return x
-    return x @ t.get("output.weight", t["token_embd.weight"]).T
+    return mm(x, "output.weight" if "output.weight" in t else "token_embd.weight")
 
 
 def run_prompt(model, tokens, slot=0):
@@ -173,7 +194,7 @@ def test_logits_match_numpy_reference(tmp_path, arch, kv_dtype, tol, repack):
     gate = model.weights.layers[0].w_gate
     assert gate.ggml_type == (Q.Q8_0 if repack else Q.Q5_0)
     logits = run_prompt(model, PROMPT)
-    expected = reference_forward(ref, arch, PROMPT)
+    expected = reference_forward(ref, arch, PROMPT, repack=repack)
     assert np.abs(expected).max() > 1.0  # the comparison is not between near-zero vectors
     np.testing.assert_allclose(logits, expected, atol=tol * np.abs(expected).max())
     assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.9
@@ -239,6 +260,26 @@ def test_mixed_batch_of_slots_equals_separate_runs(llama_model):
     np.testing.assert_allclose(out[1], logits_b[3], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out[2], logits_a[6], rtol=1e-4, atol=1e-4)
     assert model.kv_cache.num_cached(0) == 8 and model.kv_cache.cached_tokens(2) == b
+
+
+def test_long_prompt_gives_the_same_bits_alone_and_beside_short_ones(llama_model):
+    # A 40-token prompt takes the BLAS prefill path and 3-5 token prompts the fused one. Batched
+    # together (47 rows), each prompt must still take its own path: activations are rounded to
+    # 8 bits before Q8_0 matmuls, which would amplify any path switch into visible differences.
+    rng = np.random.default_rng(3)
+    long_prompt = rng.integers(0, N_VOCAB, 40).tolist()
+    shorts = [[5, 9, 2], [7, 7, 7, 1], [60, 3, 3, 8, 0]]
+    alone = llama_model(n_slots=4, n_ctx=64)
+    expected = [run_prompt(alone, p, slot=s) for s, p in enumerate([long_prompt] + shorts)]
+    model = llama_model(n_slots=4, n_ctx=64)
+    prompts = [long_prompt] + shorts
+    tokens = np.concatenate([np.array(p) for p in prompts])
+    positions = np.concatenate([np.arange(len(p)) for p in prompts])
+    slots = np.concatenate([np.full(len(p), s) for s, p in enumerate(prompts)])
+    out = model.forward(tokens, positions, slots, np.arange(tokens.size))
+    starts = np.cumsum([0] + [len(p) for p in prompts])
+    for s, exp in enumerate(expected):
+        np.testing.assert_array_equal(out[starts[s]:starts[s + 1]], exp, err_msg=f"slot {s}")
 
 
 def test_batch_validation_errors(llama_model):

@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.kv_cache import KVCache
 from kernels.attention import attention, store_kv
-from kernels.matmul import get_rows, matmul, matmul_multi
+from kernels.matmul import blas_rows_by_group, get_rows, matmul, matmul_multi
 from kernels.ops import gelu_mul, prepare_qkv, residual_rmsnorm, rmsnorm, silu_mul, softcap
 
 from .config import ModelConfig
@@ -85,28 +85,30 @@ class Model:
         if c.embed_scale != 1.0:
             act.x *= np.float32(c.embed_scale)
         rmsnorm(act.x, w.layers[0].attn_norm, self._eps, act.xn)
+        # a row's matmul path follows its own slot's chunk size, never its neighbours' (batch invariance)
+        blas_rows = blas_rows_by_group(slot_ids)
         for layer in range(c.n_layers):
             last = layer == c.n_layers - 1
             # the last layer only needs the requested rows after attention (as llama.cpp does)
-            act = self._layer(layer, act, positions, slot_ids, logits_rows if last else None)
+            act = self._layer(layer, act, positions, slot_ids, blas_rows, logits_rows if last else None)
         self.kv_cache.commit(slot_ids, positions, token_ids)
         hidden = act.x.copy()  # (r, n_embd)
         rmsnorm(hidden, w.output_norm, self._eps, hidden)
         if output == "embeddings":
             return hidden
         logits = np.empty((r, self.n_vocab), np.float32)
-        if r:
-            matmul(hidden, w.output, logits)  # (r, n_embd) @ (n_vocab, n_embd)^T
+        if r:  # (r, n_embd) @ (n_vocab, n_embd)^T
+            matmul(hidden, w.output, logits, blas_rows_by_group(slot_ids[logits_rows]))
         if c.final_logit_softcap > 0:
             softcap(logits, np.float32(c.final_logit_softcap))
         return logits
 
-    def _layer(self, layer, act, positions, slot_ids, out_rows):
+    def _layer(self, layer, act, positions, slot_ids, blas_rows, out_rows):
         # act.xn holds rmsnorm(x) * attn_norm on entry; returns the activations for the next layer
         # with act.xn = the next layer's normed input.
         c, lw, kv = self.config, self.weights.layers[layer], self.kv_cache
         n = act.x.shape[0]
-        matmul_multi(act.xn, [lw.wq, lw.wk, lw.wv], [act.q, act.k, act.v])
+        matmul_multi(act.xn, [lw.wq, lw.wk, lw.wv], [act.q, act.k, act.v], blas_rows)
         q = act.q.reshape(n, c.n_heads, c.head_dim)
         k = act.k.reshape(n, c.n_kv_heads, c.head_dim)
         v = act.v.reshape(n, c.n_kv_heads, c.value_dim)
@@ -118,6 +120,7 @@ class Model:
             n = out_rows.shape[0]
             q_rows, x_rows = q[out_rows], act.x[out_rows]
             positions, slot_ids = positions[out_rows], slot_ids[out_rows]
+            blas_rows = blas_rows_by_group(slot_ids)
             act = self._scratch.rows(n)
             if n == 0:
                 return act
@@ -126,14 +129,14 @@ class Model:
             q[:] = q_rows
         attn = act.attn.reshape(n, c.n_heads, c.value_dim)
         attention(q, kv.k_kernel, kv.v_kernel, layer, slot_ids, positions, self._scale, c.window(layer), attn)
-        matmul(act.attn, lw.wo, act.delta)
+        matmul(act.attn, lw.wo, act.delta, blas_rows)
         residual_rmsnorm(act.x, act.delta, lw.post_attn_norm, lw.ffn_norm, self._eps, act.xn)
-        matmul_multi(act.xn, [lw.w_gate, lw.w_up], [act.gate, act.up])
+        matmul_multi(act.xn, [lw.w_gate, lw.w_up], [act.gate, act.up], blas_rows)
         if c.activation == "gelu":
             gelu_mul(act.gate, act.up)
         else:
             silu_mul(act.gate, act.up)
-        matmul(act.gate, lw.w_down, act.delta)
+        matmul(act.gate, lw.w_down, act.delta, blas_rows)
         next_norm = self.weights.layers[layer + 1].attn_norm if layer + 1 < c.n_layers else EMPTY
         residual_rmsnorm(act.x, act.delta, lw.post_ffn_norm, next_norm, self._eps, act.xn)
         return act
