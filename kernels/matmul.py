@@ -4,25 +4,29 @@ Owns `QuantMatrix` (a W (m, k) kept as its raw GGML block bytes, usually a read-
 the memory-mapped GGUF file: nothing is copied or repacked, so construction is O(1) and the
 process RSS holds the weights once), `matmul`, `matmul_multi` and `get_rows`.
 
-Two paths, chosen by the number of rows n of x:
-- n < BLAS_MIN_ROWS (decode, batched decode): one parallel region (OpenMP, see threads.py)
-  over row chunks of every matrix in the call; each chunk runs a fused per-type kernel that
-  streams the quantized blocks from memory once and dots them with ALL n rows of x (a group
-  of 4 weight rows stays in L1 while the x rows pass over it; Q5_0 even decodes each block
-  once for two x rows). Bitwise batch invariant: a row of the result does not depend on n or
+Two paths, chosen per row of x (default: by the number of rows n; the model passes
+`blas_rows_by_group(slot_ids)` so a row's path depends only on its own slot's chunk):
+- fused (decode, batched decode, short chunks): one parallel region (OpenMP, see threads.py)
+  over row chunks of every matrix in the call; each chunk runs a per-type kernel that streams
+  the quantized blocks from memory once, prefetching ahead, and dots them with ALL n rows of x
+  while they sit in L1. Bitwise batch invariant: a row of the result does not depend on n or
   on the other rows of x (see matmul_rows.py; tested for every type).
-- n >= BLAS_MIN_ROWS (prefill): W is decoded to f32 a tile of rows at a time (serial numba,
-  ~1-4 G values/s) and multiplied with numpy's BLAS sgemm. Faster for many rows, but sums in
-  another order, so results differ in the last bits from the fused path.
-Types with a fused kernel: Q8_0, Q5_0, Q4_K, Q6_K (everything Qwen2.5/Gemma3 Q4_K_M streams
-per token); all other types decode 4 rows into f32 scratch and dot those (rows_generic).
+- BLAS (prefill chunks of >= BLAS_MIN_ROWS rows): W is decoded to f32 a tile of rows at a time
+  (serial numba, ~1-4 G values/s) and multiplied with numpy's BLAS sgemm. Faster for many
+  rows, but sums in another order, so results differ in the last bits from the fused path.
+Activations: as in llama.cpp, Q8_0 matrices multiply x rounded to Q8_0 and Q4_K / Q6_K matrices
+x rounded to Q8_K, on both paths (kernels/activations.py; then exact integer block sums with
+vpmaddwd, kernels/intdot.py); every
+other type multiplies x as f32. Types with a fused kernel: Q8_0, Q5_0, Q4_K, Q6_K (everything a
+Q4_K_M model streams per token; Q5_0 is widened to Q8_0 at load unless --no-repack); all other
+types decode 4 rows into f32 scratch and dot those (rows_generic).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from kernels.intdot import q8_0_round_trip, q8_k_round_trip, quantize_q8_0, quantize_q8_k
+from kernels.activations import q8_0_round_trip, q8_k_round_trip, quantize_q8_0, quantize_q8_k
 from kernels.matmul_krows import rows_q4_k, rows_q6_k
 from kernels.matmul_rows import rows_generic, rows_q5_0, rows_q5_0_x2, rows_q8_0
 from kernels.quant import (Q4_K, Q6_K, Q8_0, TYPE_NAMES, as_bytes, block_layout, deq_range, deq_rows_parallel,
@@ -144,7 +148,7 @@ def _fused(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None
     xf = np.ascontiguousarray(x).reshape(-1)
     flats = [o.reshape(-1) if o.flags.c_contiguous else np.empty(o.size, np.float32) for o in outs]
     meta, tasks, needs_q8_0, needs_q8_k = _plan(ws)
-    # x quantized as each kernel's integer dot wants it (kernels/intdot.py), once per call
+    # x quantized as each kernel's integer dot wants it (kernels/activations.py), once per call
     xq, xd = np.empty(0, np.int16), np.empty(0, np.float32)
     if needs_q8_0:  # (n, k) int16 values, (n, k/32) scales
         xq, xd = np.empty(n * k, np.int16), np.empty(n * (k // 32), np.float32)
@@ -169,7 +173,7 @@ def _blas(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
     # measured, a numba parallel region between sgemm calls made OpenMP and OpenBLAS threads
     # fight over the 2 cores (2.3x slower), while the serial decode is ~20% of the sgemm time.
     # the fused kernels multiply Q8_0 / Q4_K / Q6_K matrices with x rounded to Q8_0 / Q8_K
-    # (kernels/intdot.py, as llama.cpp does); prefill rounds it the same way
+    # (kernels/activations.py, as llama.cpp does); prefill rounds it the same way
     if w.ggml_type == Q8_0:
         x = q8_0_round_trip(x)
     elif w.ggml_type in (Q4_K, Q6_K):

@@ -1,6 +1,6 @@
 """Row-group matvec kernels for the k-quants used by Q4_K_M models: Q4_K and Q6_K.
 
-As llama.cpp does, x is quantized to Q8_K first (kernels/intdot.py) and each 256-value
+As llama.cpp does, x is quantized to Q8_K first (kernels/activations.py) and each 256-value
 super-block is one exact integer sum of weight x activation products (vpmaddwd on AVX2),
 scaled once in f32. Q4_K's per-sub-block minimum uses the int sums of x's 32-value blocks:
 sum_l (d*sc*q_l - dmin*mn) * x_l = d*sc*sum_l q_l*x_l - dmin*mn*sum_l x_l.
@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.matmul_rows import _prefetch_ahead
 from kernels.intdot import dot32_q6_i16, dot64_u4_i16
+from kernels.prefetch import prefetch_ahead
 from kernels.quant_kquants import scale_min_k4
 
 U = np.uint64
@@ -30,7 +30,7 @@ def _f16(u8, lut, o):
 @njit(cache=True)
 def rows_q4_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
     # W Q4_K (m, k): super-block = d, dmin, 12 scale bytes, 128 bytes of nibbles, times x as
-    # Q8_K (xq (n, k) int16, xd (n, k/256) f32, xbs (n, k/32) int32 sums; kernels/intdot.py).
+    # Q8_K (xq (n, k) int16, xd (n, k/256) f32, xbs (n, k/32) int32 sums; kernels/activations.py).
     # Per super-block: isum = sum_s sc_s * (q . xq)_s and imin = sum_s mn_s * xbs_s are exact
     # integers; the row sum adds dx * (d * isum - dmin * imin) block by block in f32 without
     # fastmath, so a row's bits never depend on n. Two W rows per pass.
@@ -44,7 +44,7 @@ def rows_q4_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
             s0 = s1 = np.float32(0.0)
             for b in range(nb):
                 bo = b * 144
-                _prefetch_ahead(u8, oa + 2 * bo, 5)  # 2 rows x 144 bytes
+                prefetch_ahead(u8, oa + 2 * bo, 5)  # 2 rows x 144 bytes
                 xo = xb + b * 256
                 so = j * (k // 32) + b * 8
                 dx = xd[j * nb + b]
@@ -89,7 +89,7 @@ def rows_q6_k(u8, lut, m, k, xq, xd, n, out, r0, r1):
             s0 = s1 = np.float32(0.0)
             for b in range(nb):
                 bo = b * 210
-                _prefetch_ahead(u8, oa + 2 * bo, 7)  # 2 rows x 210 bytes
+                prefetch_ahead(u8, oa + 2 * bo, 7)  # 2 rows x 210 bytes
                 xo = xb + b * 256
                 dx = xd[j * nb + b]
                 s0 += dx * _q6k_block(u8, lut, oa + bo, xq, xo)

@@ -1,17 +1,20 @@
 """Row-group matvec kernels: out[:, r0:r1] = x @ W[r0:r1]^T for one GGML type, on raw block bytes.
 
-Every kernel here computes FOUR weight rows at a time: the loop over a block's elements then
-carries four independent reductions and shares each x load between them, which is the shape
-LLVM's loop vectorizer turns into 8-lane FMAs (a one-row 32-element loop is fully unrolled
-first and then not vectorized: ~3 GB/s instead of ~13). Indices are cast to uint64 so numba
-emits no negative-index wraparound selects, which would hide that the loads are consecutive.
-A tail group past m re-reads row m-1 (same code path) and its results are simply not stored.
+Q8_0 (which is also what repacked Q5_0 becomes) runs through the integer row dot of
+kernels/intdot.py against x quantized to Q8_0. The f32 kernels (Q5_0 kept in the file with
+--no-repack, and every other type through rows_generic) compute FOUR weight rows at a time:
+the loop over a block's elements then carries four independent reductions and shares each x
+load between them, which is the shape LLVM's loop vectorizer turns into 8-lane FMAs (a one-row
+32-element loop is fully unrolled first and then not vectorized: ~3 GB/s instead of ~13).
+Indices are cast to uint64 so numba emits no negative-index wraparound selects, which would
+hide that the loads are consecutive. A tail group past m re-reads row m-1 (same code path) and
+its results are simply not stored. Every kernel prefetches ahead of its rows (kernels/prefetch.py).
 
 Batch invariance: for each (x row j, weight row r) the same instructions run in the same order
 whatever n is and whatever the other rows of x hold (j is the outer loop around an identical
 body), so results are bitwise independent of the batch. The one exception to "same kernel for
-every n" is Q5_0 (the biggest share of Qwen's bytes): n >= 2 runs rows_q5_0_x2, which decodes a
-block once for two x rows; its per-row bits equal rows_q5_0's, which the tests assert.
+every n" is Q5_0: n >= 2 runs rows_q5_0_x2, which decodes a block once for two x rows; its
+per-row bits equal rows_q5_0's, which the tests assert.
 
 Shapes: u8 raw bytes of W (m, k); xf = x (n, k) flattened; out = (n, m) flattened.
 """
@@ -21,7 +24,7 @@ import numpy as np
 from numba import njit
 
 from kernels.intdot import dot_row_q8_0
-from kernels.prefetch import prefetch
+from kernels.prefetch import PREFETCH_DISTANCE, prefetch, prefetch_ahead
 from kernels.quant import deq_range
 
 U = np.uint64
@@ -30,7 +33,7 @@ I0, I4, I15, I16 = np.int32(0), np.int32(4), np.int32(15), np.int32(16)
 
 @njit(cache=True)
 def rows_q8_0(u8, lut, m, k, xq, xd, n, out, r0, r1):
-    # W Q8_0 (m, k): block = f16 d, 32 x int8, times x quantized to Q8_0 (kernels/intdot.py):
+    # W Q8_0 (m, k): block = f16 d, 32 x int8, times x quantized to Q8_0 (kernels/activations.py):
     # xq (n, k) int16 flat, xd (n, k/32) f32 flat. One weight row against each x row in turn
     # through dot_row_q8_0 (exact integer block sums, fixed-order f32 accumulation), so a row's
     # bits never depend on n. The next rows are prefetched a row at a time.
@@ -42,20 +45,6 @@ def rows_q8_0(u8, lut, m, k, xq, xd, n, out, r0, r1):
             prefetch(u8, U(o + PREFETCH_DISTANCE + line))
         for j in range(n):
             out[j * m + r] = dot_row_q8_0(u8, U(o), nb, lut, xq, xd, U(j * nb))
-
-
-# How far ahead of a row group's progress the kernels prefetch: one 4 KB page, measured best
-# of 1-8 KB on a Q8_0 matvec (24 GB/s at 4 KB vs 10 GB/s without prefetching, k = 640).
-PREFETCH_DISTANCE = 4096
-
-
-@njit(cache=True, inline="always")
-def _prefetch_ahead(u8, progress, n_lines):
-    # A row group of g rows is contiguous, and by block b the kernel has consumed ~g * b blocks'
-    # bytes of it: `progress` = group start + that, so the lines PREFETCH_DISTANCE ahead
-    # cover the next group's bytes just before they are needed.
-    for t in range(n_lines):
-        prefetch(u8, U(progress + PREFETCH_DISTANCE + 64 * t))
 
 
 @njit(cache=True, inline="always")
@@ -111,7 +100,7 @@ def rows_q5_0(u8, lut, m, k, xf, n, out, r0, r1):
             s0 = s1 = s2 = s3 = np.float32(0.0)
             for b in range(nb):
                 bo = b * 22
-                _prefetch_ahead(u8, oa + 4 * bo, 2)
+                prefetch_ahead(u8, oa + 4 * bo, 2)
                 ha = _qh32h(u16, oa + bo + 2)
                 hb = _qh32h(u16, ob + bo + 2)
                 hc = _qh32h(u16, oc + bo + 2)
@@ -155,7 +144,7 @@ def rows_q5_0_x2(u8, lut, m, k, xf, n, out, r0, r1):
             s0 = s1 = s2 = s3 = t0 = t1 = t2 = t3 = np.float32(0.0)
             for b in range(nb):
                 bo = b * 22
-                _prefetch_ahead(u8, oa + 4 * bo, 2)
+                prefetch_ahead(u8, oa + 4 * bo, 2)
                 ha = _qh32h(u16, oa + bo + 2)
                 hb = _qh32h(u16, ob + bo + 2)
                 hc = _qh32h(u16, oc + bo + 2)

@@ -1,10 +1,12 @@
-"""kernels.intdot: ggml's Q8_0 activation rounding and the exact int8 x int16 block dot."""
+"""kernels.activations (ggml's Q8_0 / Q8_K activation rounding) and kernels.intdot (the integer
+dot intrinsics), each against a numpy oracle."""
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from kernels.intdot import dot32_i8_i16, quantize_q8_0
+from kernels.activations import quantize_q8_0, quantize_q8_k
+from kernels.intdot import dot32_i8_i16, dot32_q6_i16, dot64_u4_i16, dot_row_q8_0
 
 
 def ggml_quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,3 +69,77 @@ def test_block_dot_is_the_exact_integer_sum_at_the_extremes():
     expected = (values * xq.reshape(n_blocks, 32)).sum(axis=1)
     np.testing.assert_array_equal(out, expected)
     assert out[0] == 32 * 128 * 127
+
+
+def ggml_quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy oracle of quantize_row_q8_K_ref: (values (n, k), f32 scales (n, k/256))."""
+    n, k = x.shape
+    blocks = x.reshape(n, k // 256, 256).astype(np.float32)
+    vmax = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)[..., 0]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(vmax != 0, np.float32(-127) / vmax, np.float32(0)).astype(np.float32)
+        d = np.where(iscale != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    q = np.minimum(127, np.rint(iscale[..., None] * blocks))
+    return q.reshape(n, k), d
+
+
+def test_quantize_q8_k_matches_ggml_and_sums_each_32():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 768)).astype(np.float32) * np.float32(7.0)
+    x[0, :256] = 0.0  # an all-zero block
+    x[1, 300] = -50.0  # a negative extreme: iscale = -127 / -50 > 0, that value -> -127
+    x[2, 10] = 60.0  # a positive extreme: the scale is negative and that value -> -127
+    n, k = x.shape
+    xq, xd, xbs = np.empty(n * k, np.int16), np.empty(n * k // 256, np.float32), np.empty(n * k // 32, np.int32)
+    quantize_q8_k(x.reshape(-1), n, k, xq, xd, xbs)
+    expected_q, expected_d = ggml_quantize_q8_k(x)
+    np.testing.assert_array_equal(xq.reshape(n, k), expected_q)
+    np.testing.assert_array_equal(xd.reshape(n, -1), expected_d)
+    np.testing.assert_array_equal(xbs.reshape(n, -1), expected_q.reshape(n, -1, 32).sum(axis=2))
+    q2, d2 = xq.reshape(n, k), xd.reshape(n, -1)
+    assert q2[1, 300] == -127 and d2[1, 1] > 0 and q2[2, 10] == -127 and d2[2, 0] < 0 and d2[0, 0] == 0
+
+
+@njit(cache=False)
+def _q4_and_q6_dots(w, xq, out):
+    out[0], out[1] = dot64_u4_i16(w, np.uint64(3), xq, np.uint64(0))
+    for g in range(4):
+        out[2 + 2 * g], out[3 + 2 * g] = dot32_q6_i16(w, np.uint64(40 + 32 * (g & 1)), np.uint64(104), 4 * (g >> 1),
+                                                       2 * g, xq, np.uint64(32 * g))
+
+
+def test_nibble_and_six_bit_dots_are_exact():
+    rng = np.random.default_rng(5)
+    w = rng.integers(0, 256, 160, dtype=np.uint8)
+    xq = rng.integers(-127, 128, 128).astype(np.int16)
+    out = np.empty(10, np.int32)
+    _q4_and_q6_dots(w, xq, out)
+    packed = w[3:35].astype(np.int64)
+    assert out[0] == ((packed & 15) * xq[:32]).sum() and out[1] == ((packed >> 4) * xq[32:64]).sum()
+    ql, qh = w[40:104].astype(np.int64), w[104:136].astype(np.int64)
+    for g in range(4):
+        low = (ql[32 * (g & 1):][:32] >> (4 * (g >> 1))) & 15
+        q = (low | (((qh >> (2 * g)) & 3) << 4)) - 32
+        products = q * xq[32 * g:32 * g + 32]
+        assert (out[2 + 2 * g], out[3 + 2 * g]) == (products[:16].sum(), products[16:].sum()), g
+
+
+@njit(cache=False)
+def _row_dot(w, n_blocks, lut, xq, xd):
+    return dot_row_q8_0(w, np.uint64(0), n_blocks, lut, xq, xd, np.uint64(0))
+
+
+def test_q8_0_row_dot_matches_the_scaled_block_sums():
+    from kernels.quant import f16_table
+    rng = np.random.default_rng(6)
+    for n_blocks in (1, 2, 7, 28):  # odd counts take the tail block path
+        w = rng.integers(0, 256, n_blocks * 34, dtype=np.uint8)
+        scales = (rng.standard_normal(n_blocks) * 0.01).astype(np.float16)
+        w.reshape(n_blocks, 34)[:, :2] = scales.view(np.uint8).reshape(n_blocks, 2)
+        xq = rng.integers(-127, 128, n_blocks * 32).astype(np.int16)
+        xd = rng.uniform(0.001, 0.1, n_blocks).astype(np.float32)
+        got = _row_dot(w, n_blocks, f16_table(), xq, xd)
+        values = w.reshape(n_blocks, 34)[:, 2:].view(np.int8).astype(np.int64)
+        sums = (values * xq.reshape(n_blocks, 32)).sum(axis=1)
+        expected = (scales.astype(np.float64) * xd * sums).sum()
+        assert abs(got - expected) <= 1e-5 * np.abs(scales.astype(np.float64) * xd * sums).sum(), n_blocks

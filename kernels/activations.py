@@ -1,0 +1,116 @@
+"""8-bit activations: x rounded to ggml's Q8_0 or Q8_K blocks before a quantized matmul.
+
+Owns:
+- `quantize_q8_0(xf, n, k, xq, xd)`: each 32-value block of x becomes int8 values (stored as
+  int16, the width kernels/intdot.py's dots take) and one scale, with ggml's rule: d = max|x| /
+  127, rounded to f16 as ggml stores it; q = round-half-even(x * 127 / max|x|).
+- `quantize_q8_k(xf, n, k, xq, xd, xbs)`: ggml's Q8_K (256-value blocks, f32 scale), the
+  activations of the k-quant kernels, plus the int sums of each 32 values (Q4_K minimums).
+- `q8_0_round_trip(x)`, `q8_k_round_trip(x)`: x rounded and back, for the dequantize + BLAS
+  prefill path, so a prompt sees the same activations on either path.
+
+llama.cpp multiplies Q8_0 / Q5_0 / Q4_0 weights with Q8_0 activations and k-quants with Q8_K
+ones; doing the same keeps our numbers close to its numbers and lets the dot products be exact
+integer sums.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, inline="always")
+def _round_to_f16(v):
+    # v (finite, >= 0) rounded to the nearest float16 value (ties to even), returned as f32
+    if v < np.float32(6.103515625e-05):  # below f16's smallest normal: a multiple of 2^-24
+        return np.float32(np.rint(np.float64(v) * 16777216.0) / 16777216.0)
+    if v >= np.float32(65504.0):
+        return np.float32(np.inf) if v >= np.float32(65520.0) else np.float32(65504.0)
+    bits = np.empty(1, np.float32)
+    bits[0] = v
+    u = bits.view(np.uint32)
+    u[0] = (u[0] + np.uint32(0xFFF) + ((u[0] >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+    return bits[0]
+
+
+@njit(cache=True)
+def quantize_q8_0(xf, n, k, xq, xd):
+    # x (n, k) f32 flat -> xq (n, k) int16 flat in [-127, 127], xd (n, k/32) f32 flat block scales.
+    # A block holding inf/nan gets scale nan, so the dot products with it stay nan as with f32.
+    nb = k // 32
+    for j in range(n):
+        for b in range(nb):
+            o = j * k + b * 32
+            amax = np.float32(0.0)
+            finite = True
+            for i in range(32):
+                v = abs(xf[o + i])
+                if not v <= np.float32(3.0e38):  # inf or nan
+                    finite = False
+                elif v > amax:
+                    amax = v
+            if not finite:
+                xd[j * nb + b] = np.float32(np.nan)
+                for i in range(32):
+                    xq[o + i] = 0
+                continue
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            for i in range(32):
+                xq[o + i] = np.int16(np.rint(xf[o + i] * inv))
+            xd[j * nb + b] = _round_to_f16(d)
+
+
+def q8_0_round_trip(x: np.ndarray) -> np.ndarray:
+    """x (n, k) f32 -> a new (n, k) f32 array: x rounded to Q8_0 and back (values * scales),
+    the activations an integer Q8_0 dot product sees; for the BLAS prefill path."""
+    n, k = x.shape
+    xq = np.empty(n * k, np.int16)
+    xd = np.empty(n * (k // 32), np.float32)
+    quantize_q8_0(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), n, k, xq, xd)
+    return (xq.reshape(n, k // 32, 32) * xd.reshape(n, k // 32, 1)).reshape(n, k)
+
+
+@njit(cache=True)
+def quantize_q8_k(xf, n, k, xq, xd, xbs):
+    # x (n, k) f32 flat -> ggml's Q8_K: xq (n, k) int16 flat, xd (n, k/256) f32 scales and xbs
+    # (n, k/32) int32 sums of each 32 values (Q4_K's minimums). Per 256 values: max = the value
+    # of largest |x| (first on ties); q = min(127, round-half-even(x * -127 / max)); d = 1 / (-127 / max).
+    nb = k // 256
+    for j in range(n):
+        for b in range(nb):
+            o = j * k + b * 256
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            finite = True
+            for i in range(256):
+                v = xf[o + i]
+                if not abs(v) <= np.float32(3.0e38):
+                    finite = False
+                elif abs(v) > amax:
+                    amax = abs(v)
+                    vmax = v
+            if not finite or amax == 0:
+                xd[j * nb + b] = np.float32(np.nan) if not finite else np.float32(0.0)
+                for i in range(256):
+                    xq[o + i] = 0
+            else:
+                iscale = np.float32(-127.0) / vmax
+                for i in range(256):
+                    xq[o + i] = np.int16(min(np.float32(127.0), np.rint(iscale * xf[o + i])))
+                xd[j * nb + b] = np.float32(1.0) / iscale
+            for s in range(8):
+                total = np.int32(0)
+                for i in range(32):
+                    total += np.int32(xq[o + s * 32 + i])
+                xbs[j * (k // 32) + b * 8 + s] = total
+
+
+def q8_k_round_trip(x: np.ndarray) -> np.ndarray:
+    """x (n, k) f32 -> a new (n, k) f32 array: x rounded to Q8_K and back (the k-quant kernels'
+    activations), for the BLAS prefill path."""
+    n, k = x.shape
+    xq = np.empty(n * k, np.int16)
+    xd = np.empty(n * (k // 256), np.float32)
+    quantize_q8_k(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), n, k, xq, xd, np.empty(n * (k // 32), np.int32))
+    return (xq.reshape(n, k // 256, 256) * xd.reshape(n, k // 256, 1)).reshape(n, k)
