@@ -1,4 +1,4 @@
-"""Load-time repacking: Q5_0 blocks widened to Q8_0 hold exactly the same weights."""
+"""Load-time repacking: Q4_0 / Q5_0 blocks widened to Q8_0 hold exactly the same weights."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,19 +7,20 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from kernels.matmul import QuantMatrix, matmul
-from kernels.repack import widen_q5_0_to_q8_0
+from kernels.repack import widen_to_q8_0
 from tests.test_kernels_matmul import assert_close_to_reference, effective_x
 
 
+@pytest.mark.parametrize("ggml_type", [Q.Q4_0, Q.Q5_0], ids=["Q4_0", "Q5_0"])
 @pytest.mark.parametrize("m,k", [(1, 32), (7, 96), (33, 640)])
-def test_widened_blocks_dequantize_to_the_same_weights(m, k):
+def test_widened_blocks_dequantize_to_the_same_weights(ggml_type, m, k):
     rng = np.random.default_rng(m * k)
     w = (rng.standard_normal((m, k)) * rng.uniform(0.01, 3.0, (m, 1))).astype(np.float32)
     w[0, :32] = 0.0  # an all-zero block (d = 0)
-    q5 = quantize(w, Q.Q5_0)
-    q8 = widen_q5_0_to_q8_0(q5)
+    packed = quantize(w, ggml_type)
+    q8 = widen_to_q8_0(packed, int(ggml_type))
     assert q8.size == m * k // 32 * 34
-    expected = dequantize(q5, Q.Q5_0).reshape(m, k)
+    expected = dequantize(packed, ggml_type).reshape(m, k)
     assert np.array_equal(dequantize(q8, Q.Q8_0).reshape(m, k), expected)
     # and the widened matrix multiplies as a Q8_0 matrix of those weights (x rounded to Q8_0)
     x = rng.standard_normal((3, k)).astype(np.float32)
@@ -28,6 +29,8 @@ def test_widened_blocks_dequantize_to_the_same_weights(m, k):
     assert_close_to_reference(out, effective_x(x, Q.Q8_0), expected)
 
 
-def test_partial_blocks_are_refused():
+def test_partial_blocks_and_other_types_are_refused():
     with pytest.raises(ValueError, match="22-byte blocks"):
-        widen_q5_0_to_q8_0(np.zeros(30, np.uint8))
+        widen_to_q8_0(np.zeros(30, np.uint8), int(Q.Q5_0))
+    with pytest.raises(ValueError, match="only Q4_0 and Q5_0"):
+        widen_to_q8_0(np.zeros(34, np.uint8), int(Q.Q8_0))
