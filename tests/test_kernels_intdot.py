@@ -19,6 +19,18 @@ def ggml_quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.rint(blocks * inv[..., None]).reshape(n, k), d.astype(np.float16).astype(np.float32)
 
 
+def ggml_quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy oracle of quantize_row_q8_K_ref: (values (n, k), f32 scales (n, k/256))."""
+    n, k = x.shape
+    blocks = x.reshape(n, k // 256, 256).astype(np.float32)
+    vmax = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)[..., 0]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(vmax != 0, np.float32(-127) / vmax, np.float32(0)).astype(np.float32)
+        d = np.where(iscale != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    q = np.minimum(127, np.rint(iscale[..., None] * blocks))
+    return q.reshape(n, k), d
+
+
 def run_quantize(x):
     n, k = x.shape
     xq, xd = np.empty(n * k, np.int16), np.empty(n * (k // 32), np.float32)
@@ -69,18 +81,6 @@ def test_block_dot_is_the_exact_integer_sum_at_the_extremes():
     expected = (values * xq.reshape(n_blocks, 32)).sum(axis=1)
     np.testing.assert_array_equal(out, expected)
     assert out[0] == 32 * 128 * 127
-
-
-def ggml_quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """numpy oracle of quantize_row_q8_K_ref: (values (n, k), f32 scales (n, k/256))."""
-    n, k = x.shape
-    blocks = x.reshape(n, k // 256, 256).astype(np.float32)
-    vmax = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)[..., 0]
-    with np.errstate(divide="ignore"):
-        iscale = np.where(vmax != 0, np.float32(-127) / vmax, np.float32(0)).astype(np.float32)
-        d = np.where(iscale != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
-    q = np.minimum(127, np.rint(iscale[..., None] * blocks))
-    return q.reshape(n, k), d
 
 
 def test_quantize_q8_k_matches_ggml_and_sums_each_32():

@@ -6,6 +6,7 @@ import pytest
 
 from kernels.matmul import BLAS_MIN_ROWS, QuantMatrix, blas_rows_by_group, get_rows, matmul, matmul_multi
 from kernels.quant import BLOCK_LAYOUT, Q4_K, Q6_K, Q8_0, TYPE_NAMES
+from tests.test_kernels_intdot import ggml_quantize_q8_0, ggml_quantize_q8_k
 from tests.test_kernels_quant import oracle, random_blocks
 
 ALL_TYPES = sorted(BLOCK_LAYOUT)
@@ -22,29 +23,17 @@ def k_for(ggml_type: int, blocks: int) -> int:
 
 
 def ggml_q8_0_activations(x: np.ndarray) -> np.ndarray:
-    """x as ggml's quantize_row_q8_0 leaves it (numpy oracle): per 32 values d = max|x| / 127
-    stored as f16, values round-half-even(x * 127 / max|x|); returned dequantized, f64."""
+    """x as ggml's quantize_row_q8_0 leaves it, dequantized (f64); oracle in test_kernels_intdot."""
     n, k = x.shape
-    blocks = x.reshape(n, k // 32, 32).astype(np.float32)
-    d = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    q = np.rint(blocks * inv)
-    return (q * d.astype(np.float16).astype(np.float64)).reshape(n, k)
+    q, d = ggml_quantize_q8_0(x)
+    return (q.reshape(n, k // 32, 32) * d.astype(np.float64)[..., None]).reshape(n, k)
 
 
 def ggml_q8_k_activations(x: np.ndarray) -> np.ndarray:
-    """x as ggml's quantize_row_q8_K_ref leaves it (numpy oracle): per 256 values, max = the
-    value of largest |x| (first on ties), iscale = -127 / max, q = min(127, round-half-even(iscale
-    * x)), d = 1 / iscale; returned dequantized, f64."""
+    """x as ggml's quantize_row_q8_K_ref leaves it, dequantized (f64); oracle in test_kernels_intdot."""
     n, k = x.shape
-    blocks = x.reshape(n, k // 256, 256).astype(np.float32)
-    vmax = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)
-    with np.errstate(divide="ignore"):
-        iscale = np.where(vmax != 0, np.float32(-127) / vmax, np.float32(0)).astype(np.float32)
-        d = np.where(iscale != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
-    q = np.minimum(np.float32(127), np.rint(iscale * blocks))
-    return (q * d.astype(np.float64)).reshape(n, k)
+    q, d = ggml_quantize_q8_k(x)
+    return (q.reshape(n, k // 256, 256) * d.astype(np.float64)[..., None]).reshape(n, k)
 
 
 def effective_x(x: np.ndarray, ggml_type: int) -> np.ndarray:
