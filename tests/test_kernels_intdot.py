@@ -143,3 +143,31 @@ def test_q8_0_row_dot_matches_the_scaled_block_sums():
         sums = (values * xq.reshape(n_blocks, 32)).sum(axis=1)
         expected = (scales.astype(np.float64) * xd * sums).sum()
         assert abs(got - expected) <= 1e-5 * np.abs(scales.astype(np.float64) * xd * sums).sum(), n_blocks
+
+
+def test_portable_ir_without_avx2_gives_the_same_integers(monkeypatch):
+    # CPUs without AVX2 get generic vector IR instead of vpmaddwd: compile fresh wrappers with
+    # that path and check them against the AVX2 build on the same data.
+    import kernels.intdot as intdot
+    from kernels.quant import f16_table
+
+    def build():
+        @njit(cache=False)
+        def run(w, xq, xd, lut, out):
+            out[0] = intdot.dot32_i8_i16(w, np.uint64(2), xq, np.uint64(0))
+            out[1], out[2] = intdot.dot64_u4_i16(w, np.uint64(40), xq, np.uint64(0))
+            out[3], out[4] = intdot.dot32_q6_i16(w, np.uint64(80), np.uint64(120), 4, 6, xq, np.uint64(64))
+            return intdot.dot_row_q8_0(w, np.uint64(0), 3, lut, xq, xd, np.uint64(0))
+        return run
+
+    rng = np.random.default_rng(8)
+    w = rng.integers(0, 256, 3 * 34 + 64, dtype=np.uint8)
+    w[:102].reshape(3, 34)[:, :2] = np.array([0.01], np.float16).view(np.uint8)
+    xq = rng.integers(-127, 128, 128).astype(np.int16)
+    xd = np.array([0.5, 0.25, 0.125], np.float32)
+    native, portable = np.empty(5, np.int32), np.empty(5, np.int32)
+    row_native = build()(w, xq, xd, f16_table(), native)
+    monkeypatch.setattr(intdot, "HAS_AVX2", False)
+    row_portable = build()(w, xq, xd, f16_table(), portable)
+    np.testing.assert_array_equal(portable, native)
+    assert row_portable == row_native
