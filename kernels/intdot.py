@@ -89,9 +89,10 @@ def dot_row_q8_0(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block):
 
     Each block's 32 products are an exact vpmaddwd sum (8 lanes of pairs); they are scaled by
     d_w * d_x and added into one of two 8-lane f32 accumulators (even / odd blocks; a last odd
-    block goes to the first), summed lane by lane in a fixed order at the end. Keeping the running sums in vectors is what makes this fast: a horizontal sum
-    per block costs more than the block's multiply-adds. Fixed order, no fastmath: the same
-    inputs give the same bits in every caller."""
+    block goes to the first), summed lane by lane in a fixed order at the end. Keeping the
+    running sums in vectors is what makes this fast: a horizontal sum per block costs more than
+    the block's multiply-adds. Fixed order, no fastmath: the same inputs give the same bits in
+    every caller."""
     if not all(isinstance(a, types.Array) for a in (w, lut, xq, xd)):
         return None
     sig = types.float32(w, w_offset, n_blocks, lut, xq, xd, x_block)
@@ -192,10 +193,12 @@ def dot32_q6_i16(typingctx, w, ql_offset, qh_offset, nibble_shift, high_shift, x
         qh = _load(builder, _pointer(context, builder, w_type, args[0], args[2]), None, V32I8, 1)
         nibble_shift = builder.trunc(args[3], I8) if args[3].type.width > 8 else args[3]
         high_shift = builder.trunc(args[4], I8) if args[4].type.width > 8 else args[4]
-        low = builder.and_(builder.lshr(ql, _splat(builder, nibble_shift, V32I8)), _splat(builder, ir.Constant(I8, 15), V32I8))
-        high = builder.and_(builder.lshr(qh, _splat(builder, high_shift, V32I8)), _splat(builder, ir.Constant(I8, 3), V32I8))
-        q = builder.sub(builder.or_(low, builder.shl(high, _splat(builder, ir.Constant(I8, 4), V32I8))),
-                        _splat(builder, ir.Constant(I8, 32), V32I8))  # in [-32, 31]
+        def byte_splat(value):
+            return _splat(builder, value if isinstance(value, ir.Value) else ir.Constant(I8, value), V32I8)
+
+        low = builder.and_(builder.lshr(ql, byte_splat(nibble_shift)), byte_splat(15))
+        high = builder.and_(builder.lshr(qh, byte_splat(high_shift)), byte_splat(3))
+        q = builder.sub(builder.or_(low, builder.shl(high, byte_splat(4))), byte_splat(32))  # in [-32, 31]
         values = builder.sext(q, V32I16)
         x_lo, x_hi = _x_halves(builder, _pointer(context, builder, signature.args[5], args[5], args[6]))
         sums = [_dot16(builder, _half(builder, values, 0), x_lo), _dot16(builder, _half(builder, values, 1), x_hi)]
