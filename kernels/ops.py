@@ -20,7 +20,11 @@ GELU_COEF_A = 0.044715
 SQRT_2_OVER_PI = 0.7978845608028654
 
 
-@njit(fastmath=True, cache=True)
+# rmsnorm, rope, _bias_heads and _rmsnorm_heads are inlined into the kernels that call them:
+# called as separately compiled fastmath functions, a caller loaded from numba's disk cache
+# computed other last bits than the same caller freshly compiled (tests/test_kernels_cache.py),
+# so results changed after a restart. They stay callable on their own.
+@njit(fastmath=True, cache=True, inline="always")
 def rmsnorm(x, weight, eps, out):
     # x (n, d), weight (d,) -> out (n, d) = x / sqrt(mean(x^2) + eps) * weight; out may alias x
     n, d = x.shape
@@ -50,7 +54,7 @@ def residual_rmsnorm(x, delta, post_weight, weight, eps, out):
         rmsnorm(x, weight, eps, out)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, inline="always")
 def rope(x, positions, n_rot, theta_scale, freq_scale, freq_factors, neox):
     # x (n, n_heads, head_dim) rotated in place by position (n,) int32; only the first n_rot dims
     # of each head rotate. Pair i turns by pos * theta_scale^i * freq_scale / freq_factors[i]
@@ -82,7 +86,7 @@ def rope(x, positions, n_rot, theta_scale, freq_scale, freq_factors, neox):
                     x[i, h, 2 * p + 1] = x0 * sin_t[p] + x1 * cos_t[p]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, inline="always")
 def _bias_heads(x, bias):
     # x (n, heads, d) += bias (heads * d,)
     n, heads, d = x.shape
@@ -92,7 +96,7 @@ def _bias_heads(x, bias):
                 x[i, h, j] += bias[h * d + j]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, inline="always")
 def _rmsnorm_heads(x, weight, eps):
     # x (n, heads, d): each head's d values RMS-normed in place, times weight (d,)
     n, heads, d = x.shape
