@@ -2,8 +2,8 @@
 
 Owns the numba intrinsics the matvec kernels call on raw weight bytes and int16 activations
 (kernels/activations.py quantizes x): `dot32_i8_i16` (32 int8: a Q8_0 block), `dot_row_q8_0`
-(a whole Q8_0 row, scaled per block, accumulated in 8-lane f32 vectors), `dot64_u4_i16` (64
-nibbles: a Q4_K group) and `dot32_q6_i16` (32 6-bit values: half of a Q6_K quarter).
+(a whole Q8_0 row, scaled per block, accumulated in 8-lane f32 vectors), `q4_k_block_isum` and
+`q6_k_block_isum` (a whole Q4_K / Q6_K super-block, its sub-block scales applied in the vector).
 
 Why: a block's weight x activation products are then exact integers, equal in any summation
 order, so every kernel variant gives a row the same bits (batch invariance); and on AVX2 a
@@ -42,10 +42,7 @@ def _half(builder, vector, which):
 
 def _dot16(builder, a16, x16):
     # int32 sum of the 16 products of two <16 x i16> vectors (exact: |a * x| < 2^15 * 2^15)
-    pairs = _madd16(builder, a16, x16)
-    reduce_add = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(I32, [pairs.type]), f"llvm.vector.reduce.add.v{pairs.type.count}i32")
-    return builder.call(reduce_add, [pairs])
+    return _reduce_add(builder, _madd16(builder, a16, x16))
 
 
 def _load(builder, pointer, offset, vector_type, align):
@@ -151,57 +148,87 @@ def _madd16(builder, a16, x16):
     return builder.add(even, odd)
 
 
+def _scaled_madd32(builder, values, x_ptr, scale_first, scale_second):
+    # <8 x i32>: vpmaddwd of 32 int16 values (a <32 x i16>) with the 32 activations at x_ptr, the
+    # lanes of the first 16 values times scale_first and of the last 16 times scale_second
+    x_lo, x_hi = _x_halves(builder, x_ptr)
+    v8i32 = ir.VectorType(I32, 8)
+    first = builder.mul(_madd16(builder, _half(builder, values, 0), x_lo), _splat(builder, scale_first, v8i32))
+    second = builder.mul(_madd16(builder, _half(builder, values, 1), x_hi), _splat(builder, scale_second, v8i32))
+    return builder.add(first, second)
+
+
+def _reduce_add(builder, vector):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I32, [vector.type]),
+                                        f"llvm.vector.reduce.add.v{vector.type.count}i32")
+    return builder.call(fn, [vector])
+
+
 @intrinsic
-def dot64_u4_i16(typingctx, w, w_offset, xq, x_offset):
-    """(lo, hi) int32: the 32 bytes at w[w_offset] hold 64 4-bit values, element i in the low
-    nibble and element 32 + i in the high nibble of byte i (a Q4_K group);
-    lo = sum_{i<32} (w_i & 15) * xq[x_offset + i], hi = sum_{i<32} (w_i >> 4) * xq[x_offset + 32 + i]."""
-    if not (isinstance(w, types.Array) and isinstance(xq, types.Array)):
+def q4_k_block_isum(typingctx, w, block_offset, scales, xq, x_offset):
+    """int32 sum_s scales[s] * sum_{i<32} q_{32s+i} * xq[x_offset + 32s + i] over the 256 4-bit
+    values of the Q4_K super-block at w[block_offset] (qs at +16: group g's 32 bytes hold values
+    64g + i in the low nibbles and 64g + 32 + i in the high ones); scales: int32 (8,), the
+    sub-block scales the caller unpacked. The 8 scaled sums stay in one vector until the end."""
+    if not all(isinstance(a, types.Array) for a in (w, scales, xq)):
         return None
-    sig = types.UniTuple(types.int32, 2)(w, w_offset, xq, x_offset)
+    sig = types.int32(w, block_offset, scales, xq, x_offset)
 
     def codegen(context, builder, signature, args):
-        w_ptr = _pointer(context, builder, signature.args[0], args[0], args[1])
-        x_ptr = _pointer(context, builder, signature.args[2], args[2], args[3])
-        packed = _load(builder, w_ptr, None, V32I8, 1)
-        sums = []
-        for shift, x_offset in ((0, 0), (4, 32)):
-            nibbles = builder.and_(builder.lshr(packed, _splat(builder, ir.Constant(I8, shift), V32I8)),
-                                   _splat(builder, ir.Constant(I8, 15), V32I8))
-            values = builder.zext(nibbles, V32I16)
-            x_lo, x_hi = _x_halves(builder, builder.gep(x_ptr, [ir.Constant(I64, x_offset)]))
-            sums.append(builder.add(_dot16(builder, _half(builder, values, 0), x_lo),
-                                    _dot16(builder, _half(builder, values, 1), x_hi)))
-        return context.make_tuple(builder, signature.return_type, sums)
+        block = _pointer(context, builder, signature.args[0], args[0], args[1])
+        scale_ptr = context.make_array(signature.args[2])(context, builder, args[2]).data
+        x_ptr = _pointer(context, builder, signature.args[3], args[3], args[4])
+        scale = [builder.trunc(builder.load(builder.gep(scale_ptr, [ir.Constant(I64, s)])), I32)
+                 if scale_ptr.type.pointee.width > 32 else builder.load(builder.gep(scale_ptr, [ir.Constant(I64, s)]))
+                 for s in range(8)]
+        total = None
+        for g in range(4):
+            packed = _load(builder, block, ir.Constant(I64, 16 + 32 * g), V32I8, 1)
+            for half, shift in ((0, 0), (1, 4)):
+                nibbles = builder.and_(builder.lshr(packed, _splat(builder, ir.Constant(I8, shift), V32I8)),
+                                       _splat(builder, ir.Constant(I8, 15), V32I8))
+                s = 2 * g + half
+                part = _scaled_madd32(builder, builder.zext(nibbles, V32I16),
+                                      builder.gep(x_ptr, [ir.Constant(I64, 32 * s)]), scale[s], scale[s])
+                total = part if total is None else builder.add(total, part)
+        return _reduce_add(builder, total)
 
     return sig, codegen
 
 
 @intrinsic
-def dot32_q6_i16(typingctx, w, ql_offset, qh_offset, nibble_shift, high_shift, xq, x_offset):
-    """(first, second) int32 for 32 Q6_K values q_i = ((ql_i >> nibble_shift) & 15) |
-    (((qh_i >> high_shift) & 3) << 4), minus 32, with ql_i = w[ql_offset + i], qh_i = w[qh_offset + i]:
-    first = sum_{i<16} q_i * xq[x_offset + i], second = the same over i in [16, 32) (each 16 has
-    its own scale in Q6_K)."""
+def q6_k_block_isum(typingctx, w, block_offset, xq, x_offset):
+    """int32 sum_{i<256} sc_{i // 16} * (q_i - 32) * xq[x_offset + i] for the Q6_K super-block at
+    w[block_offset] (ql[128], qh[64], int8 scales[16], f16 d). In a 128-value half, value
+    l + 32g (g = 0..3) has its low 4 bits in ql[l + 32 * (g & 1)] (low nibble for g < 2, high for
+    g >= 2) and its top 2 bits at bit 2g of qh[l]. The 16 scaled sums stay in one vector until the end."""
     if not (isinstance(w, types.Array) and isinstance(xq, types.Array)):
         return None
-    sig = types.UniTuple(types.int32, 2)(w, ql_offset, qh_offset, nibble_shift, high_shift, xq, x_offset)
+    sig = types.int32(w, block_offset, xq, x_offset)
 
     def codegen(context, builder, signature, args):
-        w_type = signature.args[0]
-        ql = _load(builder, _pointer(context, builder, w_type, args[0], args[1]), None, V32I8, 1)
-        qh = _load(builder, _pointer(context, builder, w_type, args[0], args[2]), None, V32I8, 1)
-        nibble_shift = builder.trunc(args[3], I8) if args[3].type.width > 8 else args[3]
-        high_shift = builder.trunc(args[4], I8) if args[4].type.width > 8 else args[4]
-        def byte_splat(value):
-            return _splat(builder, value if isinstance(value, ir.Value) else ir.Constant(I8, value), V32I8)
+        block = _pointer(context, builder, signature.args[0], args[0], args[1])
+        x_ptr = _pointer(context, builder, signature.args[2], args[2], args[3])
 
-        low = builder.and_(builder.lshr(ql, byte_splat(nibble_shift)), byte_splat(15))
-        high = builder.and_(builder.lshr(qh, byte_splat(high_shift)), byte_splat(3))
-        q = builder.sub(builder.or_(low, builder.shl(high, byte_splat(4))), byte_splat(32))  # in [-32, 31]
-        values = builder.sext(q, V32I16)
-        x_lo, x_hi = _x_halves(builder, _pointer(context, builder, signature.args[5], args[5], args[6]))
-        sums = [_dot16(builder, _half(builder, values, 0), x_lo), _dot16(builder, _half(builder, values, 1), x_hi)]
-        return context.make_tuple(builder, signature.return_type, sums)
+        def byte_splat(value):
+            return _splat(builder, ir.Constant(I8, value), V32I8)
+
+        def scale(index):  # int8 scale byte at 192 + index, as int32
+            return builder.sext(builder.load(builder.gep(block, [ir.Constant(I64, 192 + index)])), I32)
+
+        total = None
+        for half in range(2):
+            qh = _load(builder, block, ir.Constant(I64, 128 + 32 * half), V32I8, 1)
+            for g in range(4):
+                ql = _load(builder, block, ir.Constant(I64, 64 * half + 32 * (g & 1)), V32I8, 1)
+                low = builder.and_(builder.lshr(ql, byte_splat(4 * (g >> 1))), byte_splat(15))
+                high = builder.and_(builder.lshr(qh, byte_splat(2 * g)), byte_splat(3))
+                q = builder.sub(builder.or_(low, builder.shl(high, byte_splat(4))), byte_splat(32))  # [-32, 31]
+                first = 8 * half + 2 * g  # scale index of values l < 16; l >= 16 take the next one
+                part = _scaled_madd32(builder, builder.sext(q, V32I16),
+                                      builder.gep(x_ptr, [ir.Constant(I64, 128 * half + 32 * g)]),
+                                      scale(first), scale(first + 1))
+                total = part if total is None else builder.add(total, part)
+        return _reduce_add(builder, total)
 
     return sig, codegen

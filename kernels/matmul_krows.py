@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.intdot import dot32_q6_i16, dot64_u4_i16
+from kernels.intdot import q4_k_block_isum, q6_k_block_isum
 from kernels.prefetch import prefetch_ahead
 from kernels.quant_kquants import scale_min_k4
 
@@ -36,6 +36,7 @@ def rows_q4_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
     # fastmath, so a row's bits never depend on n. Two W rows per pass.
     nb = k // 256
     row_bytes = nb * 144
+    scales = np.empty(8, np.int32)  # one super-block's unpacked sub-block scales
     for r in range(r0, r1, 2):
         oa = r * row_bytes
         ob = min(r + 1, m - 1) * row_bytes
@@ -48,22 +49,20 @@ def rows_q4_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
                 xo = xb + b * 256
                 so = j * (k // 32) + b * 8
                 dx = xd[j * nb + b]
-                s0 += dx * _q4k_block(u8, lut, oa + bo, xq, xo, xbs, so)
-                s1 += dx * _q4k_block(u8, lut, ob + bo, xq, xo, xbs, so)
+                s0 += dx * _q4k_block(u8, lut, oa + bo, xq, xo, xbs, so, scales)
+                s1 += dx * _q4k_block(u8, lut, ob + bo, xq, xo, xbs, so, scales)
             _store2(out, j * m, r, m, s0, s1)
 
 
 @njit(cache=True, inline="always")
-def _q4k_block(u8, lut, o, xq, xo, xbs, so):
+def _q4k_block(u8, lut, o, xq, xo, xbs, so, scales):
     # d * isum - dmin * imin for the Q4_K super-block at byte o against 256 Q8_K values at xo
-    isum = np.int32(0)
     imin = np.int32(0)
-    for g in range(4):
-        lo, hi = dot64_u4_i16(u8, U(o + 16 + 32 * g), xq, U(xo + 64 * g))
-        sc1, m1 = scale_min_k4(u8, o + 4, 2 * g)
-        sc2, m2 = scale_min_k4(u8, o + 4, 2 * g + 1)
-        isum += np.int32(sc1) * lo + np.int32(sc2) * hi
-        imin += np.int32(m1) * xbs[so + 2 * g] + np.int32(m2) * xbs[so + 2 * g + 1]
+    for s in range(8):
+        sc, mn = scale_min_k4(u8, o + 4, s)
+        scales[s] = sc
+        imin += np.int32(mn) * xbs[so + s]
+    isum = q4_k_block_isum(u8, U(o), scales, xq, U(xo))
     return _f16(u8, lut, o) * np.float32(isum) - _f16(u8, lut, o + 2) * np.float32(imin)
 
 
@@ -99,16 +98,5 @@ def rows_q6_k(u8, lut, m, k, xq, xd, n, out, r0, r1):
 
 @njit(cache=True, inline="always")
 def _q6k_block(u8, lut, o, xq, xo):
-    # d * isum for the Q6_K super-block at byte o against 256 Q8_K values at xo. In a 128-value
-    # half, value l + 32 * g (g = 0..3) has its low 4 bits in ql[l + 32 * (g & 1)] (low nibble
-    # for g < 2, high for g >= 2) and its top 2 bits at bit 2 * g of qh[l]; scale sc[8 * half + 2 * g + l // 16].
-    isum = np.int32(0)
-    for half in range(2):
-        ql = o + 64 * half
-        qh = o + 128 + 32 * half
-        sc = o + 192 + 8 * half
-        for g in range(4):
-            first, second = dot32_q6_i16(u8, U(ql + 32 * (g & 1)), U(qh), 4 * (g >> 1), 2 * g, xq,
-                                         U(xo + 128 * half + 32 * g))
-            isum += np.int32(np.int8(u8[sc + 2 * g])) * first + np.int32(np.int8(u8[sc + 2 * g + 1])) * second
-    return _f16(u8, lut, o + 208) * np.float32(isum)
+    # d * isum for the Q6_K super-block at byte o against 256 Q8_K values at xo
+    return _f16(u8, lut, o + 208) * np.float32(q6_k_block_isum(u8, U(o), xq, U(xo)))

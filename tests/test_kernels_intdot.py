@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit
 
 from kernels.activations import quantize_q8_0, quantize_q8_k
-from kernels.intdot import dot32_i8_i16, dot32_q6_i16, dot64_u4_i16, dot_row_q8_0
+from kernels.intdot import dot32_i8_i16, dot_row_q8_0, q4_k_block_isum, q6_k_block_isum
 
 
 def ggml_quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,27 +101,48 @@ def test_quantize_q8_k_matches_ggml_and_sums_each_32():
 
 
 @njit(cache=False)
-def _q4_and_q6_dots(w, xq, out):
-    out[0], out[1] = dot64_u4_i16(w, np.uint64(3), xq, np.uint64(0))
-    for g in range(4):
-        out[2 + 2 * g], out[3 + 2 * g] = dot32_q6_i16(w, np.uint64(40 + 32 * (g & 1)), np.uint64(104), 4 * (g >> 1),
-                                                       2 * g, xq, np.uint64(32 * g))
+def _block_isums(q4, scales, q6, xq, out):
+    out[0] = q4_k_block_isum(q4, np.uint64(0), scales, xq, np.uint64(0))
+    out[1] = q6_k_block_isum(q6, np.uint64(0), xq, np.uint64(0))
 
 
-def test_nibble_and_six_bit_dots_are_exact():
+def q4_k_values(block: np.ndarray) -> np.ndarray:
+    """The 256 4-bit values (0..15) of a Q4_K super-block, in order (numpy oracle)."""
+    qs = block[16:144].astype(np.int64).reshape(4, 32)
+    return np.concatenate([np.concatenate([g & 15, g >> 4]) for g in qs])
+
+
+def q6_k_values(block: np.ndarray) -> np.ndarray:
+    """The 256 6-bit values (-32..31) of a Q6_K super-block, in order (numpy oracle, from
+    ggml's dequantize_row_q6_K)."""
+    ql, qh = block[:128].astype(np.int64), block[128:192].astype(np.int64)
+    out = []
+    for half in range(2):
+        l_, h_ = ql[64 * half:64 * half + 64], qh[32 * half:32 * half + 32]
+        out += [(l_[:32] & 15) | ((h_ & 3) << 4), (l_[32:] & 15) | (((h_ >> 2) & 3) << 4),
+                (l_[:32] >> 4) | (((h_ >> 4) & 3) << 4), (l_[32:] >> 4) | (((h_ >> 6) & 3) << 4)]
+    return np.concatenate(out) - 32
+
+
+def test_k_quant_super_block_sums_are_exact_at_the_extremes():
     rng = np.random.default_rng(5)
-    w = rng.integers(0, 256, 160, dtype=np.uint8)
-    xq = rng.integers(-127, 128, 128).astype(np.int16)
-    out = np.empty(10, np.int32)
-    _q4_and_q6_dots(w, xq, out)
-    packed = w[3:35].astype(np.int64)
-    assert out[0] == ((packed & 15) * xq[:32]).sum() and out[1] == ((packed >> 4) * xq[32:64]).sum()
-    ql, qh = w[40:104].astype(np.int64), w[104:136].astype(np.int64)
-    for g in range(4):
-        low = (ql[32 * (g & 1):][:32] >> (4 * (g >> 1))) & 15
-        q = (low | (((qh >> (2 * g)) & 3) << 4)) - 32
-        products = q * xq[32 * g:32 * g + 32]
-        assert (out[2 + 2 * g], out[3 + 2 * g]) == (products[:16].sum(), products[16:].sum()), g
+    for trial in range(4):
+        q4 = rng.integers(0, 256, 144, dtype=np.uint8)
+        q6 = rng.integers(0, 256, 210, dtype=np.uint8)
+        scales = rng.integers(0, 64, 8).astype(np.int32)
+        xq = rng.integers(-127, 128, 256).astype(np.int16)
+        if trial == 0:  # largest magnitudes: every product at its bound
+            q4[16:] = 0xFF
+            q6[:192] = 0x00  # all values -32
+            q6[192:208] = np.array([-128] * 16, np.int8).view(np.uint8)
+            scales[:] = 63
+            xq[:] = -127
+        out = np.empty(2, np.int32)
+        _block_isums(q4, scales, q6, xq, out)
+        expected_q4 = (np.repeat(scales.astype(np.int64), 32) * q4_k_values(q4) * xq).sum()
+        sc6 = q6[192:208].view(np.int8).astype(np.int64)
+        expected_q6 = (np.repeat(sc6, 16) * q6_k_values(q6) * xq).sum()
+        assert (out[0], out[1]) == (expected_q4, expected_q6), trial
 
 
 @njit(cache=False)
@@ -153,21 +174,22 @@ def test_portable_ir_without_avx2_gives_the_same_integers(monkeypatch):
 
     def build():
         @njit(cache=False)
-        def run(w, xq, xd, lut, out):
+        def run(w, xq, xd, lut, scales, out):
             out[0] = intdot.dot32_i8_i16(w, np.uint64(2), xq, np.uint64(0))
-            out[1], out[2] = intdot.dot64_u4_i16(w, np.uint64(40), xq, np.uint64(0))
-            out[3], out[4] = intdot.dot32_q6_i16(w, np.uint64(80), np.uint64(120), 4, 6, xq, np.uint64(64))
+            out[1] = intdot.q4_k_block_isum(w, np.uint64(0), scales, xq, np.uint64(0))
+            out[2] = intdot.q6_k_block_isum(w, np.uint64(0), xq, np.uint64(0))
             return intdot.dot_row_q8_0(w, np.uint64(0), 3, lut, xq, xd, np.uint64(0))
         return run
 
     rng = np.random.default_rng(8)
-    w = rng.integers(0, 256, 3 * 34 + 64, dtype=np.uint8)
+    w = rng.integers(0, 256, 256, dtype=np.uint8)
     w[:102].reshape(3, 34)[:, :2] = np.array([0.01], np.float16).view(np.uint8)
-    xq = rng.integers(-127, 128, 128).astype(np.int16)
+    xq = rng.integers(-127, 128, 256).astype(np.int16)
     xd = np.array([0.5, 0.25, 0.125], np.float32)
-    native, portable = np.empty(5, np.int32), np.empty(5, np.int32)
-    row_native = build()(w, xq, xd, f16_table(), native)
+    scales = rng.integers(0, 64, 8).astype(np.int32)
+    native, portable = np.empty(3, np.int32), np.empty(3, np.int32)
+    row_native = build()(w, xq, xd, f16_table(), scales, native)
     monkeypatch.setattr(intdot, "HAS_AVX2", False)
-    row_portable = build()(w, xq, xd, f16_table(), portable)
+    row_portable = build()(w, xq, xd, f16_table(), scales, portable)
     np.testing.assert_array_equal(portable, native)
     assert row_portable == row_native
