@@ -6,7 +6,8 @@ Owns: timing `Model.forward` directly (no server, no sampler beyond argmax) for
 - batched decode: 4 and 8 slots each adding one token per step, stepping together,
 reporting the median of several runs, tokens per second, and the weight bytes streamed per
 second on the decode paths (every quantized matrix but the embedding table is read once per
-step, whatever the number of slots). Compare with PERFORMANCE.md's llama.cpp numbers; timings
+step, whatever the number of slots), against the machine's measured read bandwidth as the
+decode ceiling (bench/bandwidth.py). Compare with PERFORMANCE.md's llama.cpp numbers; timings
 on a shared 2-core machine drift, so compare ratios from one run.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 
 import numpy as np
 
+from bench.bandwidth import read_bandwidth_gbs
 from engine.gguf import GGUFFile
 from engine.model import load_model
 
@@ -84,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     bench_prefill(model, 64, 1, rng)  # warm-up: compile / load every kernel variant once
     bench_decode(model, min(2, n_slots), 2, 1, rng)
 
+    bandwidth = read_bandwidth_gbs()
     results = {"model": path, "architecture": model.config.architecture, "weight_bytes_per_step": weight_bytes,
-               "runs": args.runs}
+               "runs": args.runs, "read_bandwidth_GB_s": bandwidth,
+               "decode_ceiling_tok_s": bandwidth * 1e9 / weight_bytes}
     t = statistics.median(bench_prefill(model, args.prompt_tokens, args.runs, rng))
     results[f"pp{args.prompt_tokens}"] = {"tok_s": args.prompt_tokens / t, "seconds": t}
     t = statistics.median(bench_decode(model, 1, args.gen_tokens, args.runs, rng))
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"model {path} ({results['architecture']}), {weight_bytes / 1e6:.0f} MB of weights read per step, "
           f"median of {args.runs} runs")
+    print(f"memory read bandwidth {bandwidth:.1f} GB/s: single-stream decode ceiling "
+          f"{results['decode_ceiling_tok_s']:.1f} tok/s")
     for name, r in results.items():
         if isinstance(r, dict):
             extra = f"   {r['GB_s']:6.2f} GB/s of weights" if "GB_s" in r else ""

@@ -125,3 +125,8 @@ def test_streams_that_stop_early_are_reported(capsys, fake_url):
                  "--predict-tokens", "8", "--streams", "2"])
     assert code == 1, "rates from short streams are not comparable"
     assert "stream generated 5 < 8 tokens" in capsys.readouterr().err
+
+
+def test_read_bandwidth_is_measured():
+    from bench.bandwidth import read_bandwidth_gbs
+    assert 0.5 < read_bandwidth_gbs(32 << 20, runs=3) < 10_000
