@@ -2,8 +2,9 @@
 
 Owns the numba intrinsics the matvec kernels call on raw weight bytes and int16 activations
 (kernels/activations.py quantizes x): `dot32_i8_i16` (32 int8: a Q8_0 block), `dot_row_q8_0`
-(a whole Q8_0 row, scaled per block, accumulated in 8-lane f32 vectors), `q4_k_block_isum` and
-`q6_k_block_isum` (a whole Q4_K / Q6_K super-block, its sub-block scales applied in the vector).
+(a whole Q8_0 row, scaled per block, accumulated in 8-lane f32 vectors), `q4_k_block_isum`,
+`q5_k_block_isum`, `q6_k_block_isum` (a whole k-quant super-block, its sub-block scales
+applied in the vector).
 
 Why: a block's weight x activation products are then exact integers, equal in any summation
 order, so every kernel variant gives a row the same bits (batch invariance); and on AVX2 a
@@ -164,6 +165,39 @@ def _reduce_add(builder, vector):
     return builder.call(fn, [vector])
 
 
+def _q4_q5_k_codegen(has_fifth_bits):
+    # codegen for q4_k_block_isum / q5_k_block_isum (see their docstrings)
+    qs_offset = 48 if has_fifth_bits else 16
+
+    def codegen(context, builder, signature, args):
+        block = _pointer(context, builder, signature.args[0], args[0], args[1])
+        scale_ptr = context.make_array(signature.args[2])(context, builder, args[2]).data
+        x_ptr = _pointer(context, builder, signature.args[3], args[3], args[4])
+        scale = [builder.trunc(builder.load(builder.gep(scale_ptr, [ir.Constant(I64, s)])), I16) for s in range(8)]
+        high_bits = _load(builder, block, ir.Constant(I64, 16), V32I8, 1) if has_fifth_bits else None
+        total = None
+        for g in range(4):
+            packed = _load(builder, block, ir.Constant(I64, qs_offset + 32 * g), V32I8, 1)
+            for half, shift in ((0, 0), (1, 4)):
+                values = builder.and_(builder.lshr(packed, _splat(builder, ir.Constant(I8, shift), V32I8)),
+                                      _splat(builder, ir.Constant(I8, 15), V32I8))
+                s = 2 * g + half
+                if has_fifth_bits:  # bit s of qh[l] is the fifth bit of value 32 s + l
+                    fifth = builder.and_(builder.lshr(high_bits, _splat(builder, ir.Constant(I8, s), V32I8)),
+                                         _splat(builder, ir.Constant(I8, 1), V32I8))
+                    values = builder.or_(values, builder.shl(fifth, _splat(builder, ir.Constant(I8, 4), V32I8)))
+                # scale (6 bits) x value (<= 5 bits) < 2^11 fits the int16 lanes: one 16-lane
+                # multiply before vpmaddwd instead of two 8-lane int32 multiplies after it
+                scaled = builder.mul(builder.zext(values, V32I16), _splat(builder, scale[s], V32I16))
+                x_lo, x_hi = _x_halves(builder, builder.gep(x_ptr, [ir.Constant(I64, 32 * s)]))
+                part = builder.add(_madd16(builder, _half(builder, scaled, 0), x_lo),
+                                   _madd16(builder, _half(builder, scaled, 1), x_hi))
+                total = part if total is None else builder.add(total, part)
+        return _reduce_add(builder, total)
+
+    return codegen
+
+
 @intrinsic
 def q4_k_block_isum(typingctx, w, block_offset, scales, xq, x_offset):
     """int32 sum_s scales[s] * sum_{i<32} q_{32s+i} * xq[x_offset + 32s + i] over the 256 4-bit
@@ -172,33 +206,16 @@ def q4_k_block_isum(typingctx, w, block_offset, scales, xq, x_offset):
     sub-block scales the caller unpacked. The 8 scaled sums stay in one vector until the end."""
     if not all(isinstance(a, types.Array) for a in (w, scales, xq)):
         return None
-    sig = types.int32(w, block_offset, scales, xq, x_offset)
+    return types.int32(w, block_offset, scales, xq, x_offset), _q4_q5_k_codegen(False)
 
-    def codegen(context, builder, signature, args):
-        block = _pointer(context, builder, signature.args[0], args[0], args[1])
-        scale_ptr = context.make_array(signature.args[2])(context, builder, args[2]).data
-        x_ptr = _pointer(context, builder, signature.args[3], args[3], args[4])
-        scale = [builder.trunc(builder.load(builder.gep(scale_ptr, [ir.Constant(I64, s)])), I32)
-                 if scale_ptr.type.pointee.width > 32 else builder.load(builder.gep(scale_ptr, [ir.Constant(I64, s)]))
-                 for s in range(8)]
-        total = None
-        for g in range(4):
-            packed = _load(builder, block, ir.Constant(I64, 16 + 32 * g), V32I8, 1)
-            for half, shift in ((0, 0), (1, 4)):
-                nibbles = builder.and_(builder.lshr(packed, _splat(builder, ir.Constant(I8, shift), V32I8)),
-                                       _splat(builder, ir.Constant(I8, 15), V32I8))
-                s = 2 * g + half
-                # scale (6 bits) x value (4 bits) < 2^10 fits the int16 lanes: one 16-lane
-                # multiply before vpmaddwd instead of two 8-lane int32 multiplies after it
-                scaled = builder.mul(builder.zext(nibbles, V32I16),
-                                     _splat(builder, builder.trunc(scale[s], I16), V32I16))
-                x_lo, x_hi = _x_halves(builder, builder.gep(x_ptr, [ir.Constant(I64, 32 * s)]))
-                part = builder.add(_madd16(builder, _half(builder, scaled, 0), x_lo),
-                                   _madd16(builder, _half(builder, scaled, 1), x_hi))
-                total = part if total is None else builder.add(total, part)
-        return _reduce_add(builder, total)
 
-    return sig, codegen
+@intrinsic
+def q5_k_block_isum(typingctx, w, block_offset, scales, xq, x_offset):
+    """q4_k_block_isum for a Q5_K super-block: qh[32] at +16 adds the fifth bit of value 32s + l
+    as bit s of qh[l], and the nibbles sit at +48."""
+    if not all(isinstance(a, types.Array) for a in (w, scales, xq)):
+        return None
+    return types.int32(w, block_offset, scales, xq, x_offset), _q4_q5_k_codegen(True)
 
 
 @intrinsic

@@ -14,10 +14,10 @@ Two paths, chosen per row of x (default: by the number of rows n; the model pass
 - BLAS (prefill chunks of >= BLAS_MIN_ROWS rows): W is decoded to f32 a tile of rows at a time
   (serial numba, ~1-4 G values/s) and multiplied with numpy's BLAS sgemm. Faster for many
   rows, but sums in another order, so results differ in the last bits from the fused path.
-Activations: as in llama.cpp, Q8_0 matrices multiply x rounded to Q8_0 and Q4_K / Q6_K matrices
+Activations: as in llama.cpp, Q8_0 matrices multiply x rounded to Q8_0 and Q4_K / Q5_K / Q6_K matrices
 x rounded to Q8_K, on both paths (kernels/activations.py; then exact integer block sums with
 vpmaddwd, kernels/intdot.py); every
-other type multiplies x as f32. Types with a fused kernel: Q8_0, Q5_0, Q4_K, Q6_K (everything a
+other type multiplies x as f32. Types with a fused kernel: Q8_0, Q5_0, Q4_K, Q5_K, Q6_K (everything a
 Q4_K_M model streams per token; Q5_0 is widened to Q8_0 at load unless --no-repack); all other
 types decode 4 rows into f32 scratch and dot those (rows_generic).
 """
@@ -27,11 +27,12 @@ import numpy as np
 from numba import njit, prange
 
 from kernels.activations import q8_0_round_trip, q8_k_round_trip, quantize_q8_0, quantize_q8_k
-from kernels.matmul_krows import rows_q4_k, rows_q6_k
+from kernels.matmul_krows import rows_q4_k, rows_q5_k, rows_q6_k
 from kernels.matmul_rows import rows_generic, rows_q5_0, rows_q5_0_x2, rows_q8_0
-from kernels.quant import (Q4_K, Q6_K, Q8_0, TYPE_NAMES, as_bytes, block_layout, deq_range, deq_rows_parallel,
+from kernels.quant import (Q4_K, Q5_K, Q6_K, Q8_0, TYPE_NAMES, as_bytes, block_layout, deq_range, deq_rows_parallel,
                            f16_table)
 
+K_QUANTS_Q8_K = (Q4_K, Q5_K, Q6_K)  # types whose kernels take x rounded to Q8_K
 BLAS_MIN_ROWS = 32  # n at which matmul switches from the fused kernels to tile dequant + sgemm
 _TASK_BYTES = 48 * 1024  # weight bytes per parallel task: small enough to balance 2 threads
 _TILE_BYTES = 32 * 1024 * 1024  # f32 bytes of one decoded tile on the BLAS path (transient)
@@ -91,6 +92,8 @@ def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xqk, xd
             rows_q5_0_x2(u8, lut, m, k, xf, n, out, r0, r1)
     elif ggml_type == 12:
         rows_q4_k(u8, lut, m, k, xqk, xdk, xbs, n, out, r0, r1)
+    elif ggml_type == 13:
+        rows_q5_k(u8, lut, m, k, xqk, xdk, xbs, n, out, r0, r1)
     elif ggml_type == 14:
         rows_q6_k(u8, lut, m, k, xqk, xdk, n, out, r0, r1)
     else:
@@ -103,7 +106,7 @@ def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, xq, xd, xqk, xdk
     for t in prange(tasks.shape[0]):
         s = tasks[t, 0]
         ty = meta[s, 0]
-        fused = ty == 8 or ty == 6 or ty == 12 or ty == 14
+        fused = ty == 8 or ty == 6 or ty == 12 or ty == 13 or ty == 14
         tmp = np.empty(0 if fused else 4 * k, np.float32)  # decode scratch for rows_generic
         if s == 0:
             _rows(meta[0, 0], meta[0, 1], meta[0, 2], u0, lut, meta[0, 3], k, xf, xq, xd, xqk, xdk, xbs, n, o0,
@@ -137,7 +140,7 @@ def _plan(ws: list[QuantMatrix]) -> tuple[np.ndarray, np.ndarray, bool, bool]:
             t[:, 0] = s
             tasks.append(t)
         plan = (meta, np.ascontiguousarray(np.concatenate(tasks)), any(w.ggml_type == Q8_0 for w in ws),
-                any(w.ggml_type in (Q4_K, Q6_K) for w in ws))
+                any(w.ggml_type in K_QUANTS_Q8_K for w in ws))
         ws[0]._plans[key] = plan
     return plan
 
@@ -172,11 +175,11 @@ def _blas(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
     # _TILE_BYTES) and let numpy's sgemm do x @ tile^T. The decode is serial on purpose:
     # measured, a numba parallel region between sgemm calls made OpenMP and OpenBLAS threads
     # fight over the 2 cores (2.3x slower), while the serial decode is ~20% of the sgemm time.
-    # the fused kernels multiply Q8_0 / Q4_K / Q6_K matrices with x rounded to Q8_0 / Q8_K
+    # the fused kernels multiply Q8_0 / Q4_K / Q5_K / Q6_K matrices with x rounded to Q8_0 / Q8_K
     # (kernels/activations.py, as llama.cpp does); prefill rounds it the same way
     if w.ggml_type == Q8_0:
         x = q8_0_round_trip(x)
-    elif w.ggml_type in (Q4_K, Q6_K):
+    elif w.ggml_type in K_QUANTS_Q8_K:
         x = q8_k_round_trip(x)
     rows = max(4, min(w.m, _TILE_BYTES // (4 * w.k)))
     tile = np.empty((rows, w.k), np.float32)

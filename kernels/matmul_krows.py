@@ -1,4 +1,4 @@
-"""Row-group matvec kernels for the k-quants used by Q4_K_M models: Q4_K and Q6_K.
+"""Row-group matvec kernels for the k-quants of Q4_K_M / Q5_K_M models: Q4_K, Q5_K and Q6_K.
 
 As llama.cpp does, x is quantized to Q8_K first (kernels/activations.py) and each 256-value
 super-block is one exact integer sum of weight x activation products (vpmaddwd on AVX2),
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.intdot import q4_k_block_isum, q6_k_block_isum
+from kernels.intdot import q4_k_block_isum, q5_k_block_isum, q6_k_block_isum
 from kernels.prefetch import prefetch_ahead
 from kernels.quant_kquants import scale_min_k4
 
@@ -31,11 +31,24 @@ def _f16(u8, lut, o):
 def rows_q4_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
     # W Q4_K (m, k): super-block = d, dmin, 12 scale bytes, 128 bytes of nibbles, times x as
     # Q8_K (xq (n, k) int16, xd (n, k/256) f32, xbs (n, k/32) int32 sums; kernels/activations.py).
+    _rows_q4_q5_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, False)
+
+
+@njit(cache=True)
+def rows_q5_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
+    # W Q5_K (m, k): super-block = d, dmin, 12 scale bytes, qh[32] (fifth bits), 128 bytes of
+    # nibbles, times x as Q8_K (as rows_q4_k).
+    _rows_q4_q5_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, True)
+
+
+@njit(cache=True, inline="always")
+def _rows_q4_q5_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, q5):
     # Per super-block: isum = sum_s sc_s * (q . xq)_s and imin = sum_s mn_s * xbs_s are exact
     # integers; the row sum adds dx * (d * isum - dmin * imin) block by block in f32 without
     # fastmath, so a row's bits never depend on n. Two W rows per pass.
+    block_bytes = 176 if q5 else 144
     nb = k // 256
-    row_bytes = nb * 144
+    row_bytes = nb * block_bytes
     scales = np.empty(8, np.int32)  # one super-block's unpacked sub-block scales
     for r in range(r0, r1, 2):
         oa = r * row_bytes
@@ -44,25 +57,28 @@ def rows_q4_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
             xb = j * k
             s0 = s1 = np.float32(0.0)
             for b in range(nb):
-                bo = b * 144
-                prefetch_ahead(u8, oa + 2 * bo, 5)  # 2 rows x 144 bytes
+                bo = b * block_bytes
+                prefetch_ahead(u8, oa + 2 * bo, 6)  # 2 rows x 144-176 bytes
                 xo = xb + b * 256
                 so = j * (k // 32) + b * 8
                 dx = xd[j * nb + b]
-                s0 += dx * _q4k_block(u8, lut, oa + bo, xq, xo, xbs, so, scales)
-                s1 += dx * _q4k_block(u8, lut, ob + bo, xq, xo, xbs, so, scales)
+                s0 += dx * _q4k_q5k_block(u8, lut, oa + bo, xq, xo, xbs, so, scales, q5)
+                s1 += dx * _q4k_q5k_block(u8, lut, ob + bo, xq, xo, xbs, so, scales, q5)
             _store2(out, j * m, r, m, s0, s1)
 
 
 @njit(cache=True, inline="always")
-def _q4k_block(u8, lut, o, xq, xo, xbs, so, scales):
-    # d * isum - dmin * imin for the Q4_K super-block at byte o against 256 Q8_K values at xo
+def _q4k_q5k_block(u8, lut, o, xq, xo, xbs, so, scales, q5):
+    # d * isum - dmin * imin for the Q4_K / Q5_K super-block at byte o against 256 Q8_K values at xo
     imin = np.int32(0)
     for s in range(8):
         sc, mn = scale_min_k4(u8, o + 4, s)
         scales[s] = sc
         imin += np.int32(mn) * xbs[so + s]
-    isum = q4_k_block_isum(u8, U(o), scales, xq, U(xo))
+    if q5:
+        isum = q5_k_block_isum(u8, U(o), scales, xq, U(xo))
+    else:
+        isum = q4_k_block_isum(u8, U(o), scales, xq, U(xo))
     return _f16(u8, lut, o) * np.float32(isum) - _f16(u8, lut, o + 2) * np.float32(imin)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit
 
 from kernels.activations import quantize_q8_0, quantize_q8_k
-from kernels.intdot import dot32_i8_i16, dot_row_q8_0, q4_k_block_isum, q6_k_block_isum
+from kernels.intdot import dot32_i8_i16, dot_row_q8_0, q4_k_block_isum, q5_k_block_isum, q6_k_block_isum
 
 
 def ggml_quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,15 +101,24 @@ def test_quantize_q8_k_matches_ggml_and_sums_each_32():
 
 
 @njit(cache=False)
-def _block_isums(q4, scales, q6, xq, out):
+def _block_isums(q4, q5, scales, q6, xq, out):
     out[0] = q4_k_block_isum(q4, np.uint64(0), scales, xq, np.uint64(0))
     out[1] = q6_k_block_isum(q6, np.uint64(0), xq, np.uint64(0))
+    out[2] = q5_k_block_isum(q5, np.uint64(0), scales, xq, np.uint64(0))
 
 
 def q4_k_values(block: np.ndarray) -> np.ndarray:
     """The 256 4-bit values (0..15) of a Q4_K super-block, in order (numpy oracle)."""
     qs = block[16:144].astype(np.int64).reshape(4, 32)
     return np.concatenate([np.concatenate([g & 15, g >> 4]) for g in qs])
+
+
+def q5_k_values(block: np.ndarray) -> np.ndarray:
+    """The 256 5-bit values (0..31) of a Q5_K super-block, in order (numpy oracle, from ggml's
+    dequantize_row_q5_K: bit s of qh[l] is the fifth bit of value 32 s + l)."""
+    qh = block[16:48].astype(np.int64)
+    low = q4_k_values(np.concatenate([block[:16], block[48:176]]))
+    return low | np.concatenate([((qh >> s) & 1) << 4 for s in range(8)])
 
 
 def q6_k_values(block: np.ndarray) -> np.ndarray:
@@ -128,21 +137,24 @@ def test_k_quant_super_block_sums_are_exact_at_the_extremes():
     rng = np.random.default_rng(5)
     for trial in range(4):
         q4 = rng.integers(0, 256, 144, dtype=np.uint8)
+        q5 = rng.integers(0, 256, 176, dtype=np.uint8)
         q6 = rng.integers(0, 256, 210, dtype=np.uint8)
         scales = rng.integers(0, 64, 8).astype(np.int32)
         xq = rng.integers(-127, 128, 256).astype(np.int16)
         if trial == 0:  # largest magnitudes: every product at its bound
             q4[16:] = 0xFF
+            q5[16:] = 0xFF  # every value 31
             q6[:192] = 0x00  # all values -32
             q6[192:208] = np.array([-128] * 16, np.int8).view(np.uint8)
             scales[:] = 63
             xq[:] = -127
-        out = np.empty(2, np.int32)
-        _block_isums(q4, scales, q6, xq, out)
+        out = np.empty(3, np.int32)
+        _block_isums(q4, q5, scales, q6, xq, out)
         expected_q4 = (np.repeat(scales.astype(np.int64), 32) * q4_k_values(q4) * xq).sum()
         sc6 = q6[192:208].view(np.int8).astype(np.int64)
         expected_q6 = (np.repeat(sc6, 16) * q6_k_values(q6) * xq).sum()
-        assert (out[0], out[1]) == (expected_q4, expected_q6), trial
+        expected_q5 = (np.repeat(scales.astype(np.int64), 32) * q5_k_values(q5) * xq).sum()
+        assert (out[0], out[1], out[2]) == (expected_q4, expected_q6, expected_q5), trial
 
 
 @njit(cache=False)

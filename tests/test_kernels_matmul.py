@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kernels.matmul import BLAS_MIN_ROWS, QuantMatrix, blas_rows_by_group, get_rows, matmul, matmul_multi
-from kernels.quant import BLOCK_LAYOUT, Q4_K, Q6_K, Q8_0, TYPE_NAMES
+from kernels.quant import BLOCK_LAYOUT, Q4_K, Q5_K, Q6_K, Q8_0, TYPE_NAMES
 from tests.test_kernels_intdot import ggml_quantize_q8_0, ggml_quantize_q8_k
 from tests.test_kernels_quant import oracle, random_blocks
 
@@ -38,11 +38,11 @@ def ggml_q8_k_activations(x: np.ndarray) -> np.ndarray:
 
 def effective_x(x: np.ndarray, ggml_type: int) -> np.ndarray:
     """The activations a matmul really multiplies, as in llama.cpp: Q8_0 weights take x rounded
-    to Q8_0 and Q4_K / Q6_K weights x rounded to Q8_K (on both the fused and the BLAS path);
+    to Q8_0 and Q4_K / Q5_K / Q6_K weights x rounded to Q8_K (on both the fused and the BLAS path);
     every other type takes x as is."""
     if ggml_type == Q8_0:
         return ggml_q8_0_activations(x)
-    return ggml_q8_k_activations(x) if ggml_type in (Q4_K, Q6_K) else x
+    return ggml_q8_k_activations(x) if ggml_type in (Q4_K, Q5_K, Q6_K) else x
 
 
 def assert_close_to_reference(out: np.ndarray, x: np.ndarray, w_f32: np.ndarray) -> None:

@@ -131,7 +131,7 @@ def reference_forward(ref, arch, tokens, swa_layers=(), window=0, embeddings=Fal
     def mm(h, name):  # h @ W^T with the activations the engine's kernel for W really uses
         if types[name] in q8_types:
             h = ggml_q8_0_activations(h)
-        elif types[name] in (Q.Q4_K, Q.Q6_K):
+        elif types[name] in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
             h = ggml_q8_k_activations(h)
         return h @ t[name].T
 
