@@ -17,7 +17,6 @@ from numba import njit
 
 from kernels.intdot import q4_k_block_isum, q5_k_block_isum, q6_k_block_isum
 from kernels.prefetch import prefetch_ahead
-from kernels.quant_kquants import scale_min_k4
 
 U = np.uint64
 
@@ -70,11 +69,19 @@ def _rows_q4_q5_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, q5):
 @njit(cache=True, inline="always")
 def _q4k_q5k_block(u8, lut, o, xq, xo, xbs, so, scales, q5):
     # d * isum - dmin * imin for the Q4_K / Q5_K super-block at byte o against 256 Q8_K values at xo
-    imin = np.int32(0)
-    for s in range(8):
-        sc, mn = scale_min_k4(u8, o + 4, s)
-        scales[s] = sc
-        imin += np.int32(mn) * xbs[so + s]
+    # the 8 (scale, min) 6-bit pairs of the 12 scale bytes, unpacked straight-line (the
+    # per-sub-block helper's branch cost as much as the integer dot itself)
+    b0, b1, b2, b3 = np.int32(u8[o + 4]), np.int32(u8[o + 5]), np.int32(u8[o + 6]), np.int32(u8[o + 7])
+    b4, b5, b6, b7 = np.int32(u8[o + 8]), np.int32(u8[o + 9]), np.int32(u8[o + 10]), np.int32(u8[o + 11])
+    b8, b9, b10, b11 = np.int32(u8[o + 12]), np.int32(u8[o + 13]), np.int32(u8[o + 14]), np.int32(u8[o + 15])
+    scales[0], scales[1], scales[2], scales[3] = b0 & 63, b1 & 63, b2 & 63, b3 & 63
+    scales[4] = (b8 & 15) | ((b0 >> 6) << 4)
+    scales[5] = (b9 & 15) | ((b1 >> 6) << 4)
+    scales[6] = (b10 & 15) | ((b2 >> 6) << 4)
+    scales[7] = (b11 & 15) | ((b3 >> 6) << 4)
+    imin = ((b4 & 63) * xbs[so] + (b5 & 63) * xbs[so + 1] + (b6 & 63) * xbs[so + 2] + (b7 & 63) * xbs[so + 3]
+            + ((b8 >> 4) | ((b4 >> 6) << 4)) * xbs[so + 4] + ((b9 >> 4) | ((b5 >> 6) << 4)) * xbs[so + 5]
+            + ((b10 >> 4) | ((b6 >> 6) << 4)) * xbs[so + 6] + ((b11 >> 4) | ((b7 >> 6) << 4)) * xbs[so + 7])
     if q5:
         isum = q5_k_block_isum(u8, U(o), scales, xq, U(xo))
     else:

@@ -7,7 +7,7 @@ into y[yo:yo+256] (f32). Byte layouts (ggml's block_q*_K structs, little-endian)
   Q4_K 144 B: d f16, dmin f16, scales[12] (8 x 6-bit scale + 8 x 6-bit min), qs[128]
   Q5_K 176 B: d f16, dmin f16, scales[12], qh[32] (5th bits), qs[128]
   Q6_K 210 B: ql[128], qh[64] (2 high bits), scales[16] int8, d f16
-`scale_min_k4` is shared with the fused matmul kernels.
+`scale_min_k4` decodes one sub-block's (scale, min); matmul_krows.py unpacks all 8 at once, straight-line.
 """
 from __future__ import annotations
 
