@@ -95,7 +95,7 @@ def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xqk, xd
     elif ggml_type == 13:
         rows_q5_k(u8, lut, m, k, xqk, xdk, xbs, n, out, r0, r1)
     elif ggml_type == 14:
-        rows_q6_k(u8, lut, m, k, xqk, xdk, n, out, r0, r1)
+        rows_q6_k(u8, lut, m, k, xqk, xdk, xbs, n, out, r0, r1)
     else:
         rows_generic(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, n, out, r0, r1, tmp)
 

@@ -30,25 +30,32 @@ def _f16(u8, lut, o):
 def rows_q4_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
     # W Q4_K (m, k): super-block = d, dmin, 12 scale bytes, 128 bytes of nibbles, times x as
     # Q8_K (xq (n, k) int16, xd (n, k/256) f32, xbs (n, k/32) int32 sums; kernels/activations.py).
-    _rows_q4_q5_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, False)
+    _rows(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, 12)
 
 
 @njit(cache=True)
 def rows_q5_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
     # W Q5_K (m, k): super-block = d, dmin, 12 scale bytes, qh[32] (fifth bits), 128 bytes of
     # nibbles, times x as Q8_K (as rows_q4_k).
-    _rows_q4_q5_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, True)
+    _rows(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, 13)
+
+
+@njit(cache=True)
+def rows_q6_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
+    # W Q6_K (m, k): super-block = ql[128], qh[64], int8 scales[16] (one per 16 values), f16 d,
+    # times x as Q8_K (as rows_q4_k; xbs goes unused: Q6_K has no minimums).
+    _rows(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, 14)
 
 
 @njit(cache=True, inline="always")
-def _rows_q4_q5_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, q5):
-    # Per super-block: isum = sum_s sc_s * (q . xq)_s and imin = sum_s mn_s * xbs_s are exact
-    # integers; the row sum adds dx * (d * isum - dmin * imin) block by block in f32 without
-    # fastmath, so a row's bits never depend on n. Two W rows per pass.
-    block_bytes = 176 if q5 else 144
+def _rows(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, ggml_type):
+    # The row sum adds dx * (one super-block's exact-integer dot, scaled by its f16 d / dmin)
+    # block by block in f32 without fastmath, so a row's bits never depend on n. Two W rows per
+    # pass. ggml_type is a literal from the wrappers above, so the branches fold away.
+    block_bytes = 210 if ggml_type == 14 else (176 if ggml_type == 13 else 144)
     nb = k // 256
     row_bytes = nb * block_bytes
-    scales = np.empty(8, np.int32)  # one super-block's unpacked sub-block scales
+    scales = np.empty(8, np.int32)  # one Q4_K / Q5_K super-block's unpacked sub-block scales
     for r in range(r0, r1, 2):
         oa = r * row_bytes
         ob = min(r + 1, m - 1) * row_bytes
@@ -57,14 +64,17 @@ def _rows_q4_q5_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1, q5):
             s0 = s1 = np.float32(0.0)
             for b in range(nb):
                 bo = b * block_bytes
-                prefetch_ahead(u8, oa + 2 * bo, 6)  # 2 rows x 144-176 bytes
+                prefetch_ahead(u8, oa + 2 * bo, (2 * block_bytes + 63) // 64)  # 2 rows' block bytes
                 xo = xb + b * 256
-                so = j * (k // 32) + b * 8
                 dx = xd[j * nb + b]
-                s0 += dx * _q4k_q5k_block(u8, lut, oa + bo, xq, xo, xbs, so, scales, q5)
-                s1 += dx * _q4k_q5k_block(u8, lut, ob + bo, xq, xo, xbs, so, scales, q5)
+                if ggml_type == 14:
+                    s0 += dx * _q6k_block(u8, lut, oa + bo, xq, xo)
+                    s1 += dx * _q6k_block(u8, lut, ob + bo, xq, xo)
+                else:
+                    so = j * (k // 32) + b * 8
+                    s0 += dx * _q4k_q5k_block(u8, lut, oa + bo, xq, xo, xbs, so, scales, ggml_type == 13)
+                    s1 += dx * _q4k_q5k_block(u8, lut, ob + bo, xq, xo, xbs, so, scales, ggml_type == 13)
             _store2(out, j * m, r, m, s0, s1)
-
 
 @njit(cache=True, inline="always")
 def _q4k_q5k_block(u8, lut, o, xq, xo, xbs, so, scales, q5):
@@ -94,29 +104,6 @@ def _store2(out, base, r, m, s0, s1):
     out[base + r] = s0
     if r + 1 < m:
         out[base + r + 1] = s1
-
-
-@njit(cache=True)
-def rows_q6_k(u8, lut, m, k, xq, xd, n, out, r0, r1):
-    # W Q6_K (m, k): super-block = ql[128], qh[64], int8 scales[16] (one per 16 values), f16 d,
-    # times x as Q8_K (xq (n, k) int16, xd (n, k/256) f32). isum = sum_g sc_g * (q . xq)_g is an
-    # exact integer per super-block; the row sum adds dx * d * isum in f32, blocks in order.
-    nb = k // 256
-    row_bytes = nb * 210
-    for r in range(r0, r1, 2):
-        oa = r * row_bytes
-        ob = min(r + 1, m - 1) * row_bytes
-        for j in range(n):
-            xb = j * k
-            s0 = s1 = np.float32(0.0)
-            for b in range(nb):
-                bo = b * 210
-                prefetch_ahead(u8, oa + 2 * bo, 7)  # 2 rows x 210 bytes
-                xo = xb + b * 256
-                dx = xd[j * nb + b]
-                s0 += dx * _q6k_block(u8, lut, oa + bo, xq, xo)
-                s1 += dx * _q6k_block(u8, lut, ob + bo, xq, xo)
-            _store2(out, j * m, r, m, s0, s1)
 
 
 @njit(cache=True, inline="always")
