@@ -1,10 +1,9 @@
 """Integer dot products of quantized weight blocks with 8-bit activations, as LLVM intrinsics.
 
 Owns the numba intrinsics the matvec kernels call on raw weight bytes and int16 activations
-(kernels/activations.py quantizes x): `dot32_i8_i16` (32 int8: a Q8_0 block), `dot_row_q8_0`
-(a whole Q8_0 row, scaled per block, accumulated in 8-lane f32 vectors), `q4_k_block_isum`,
-`q5_k_block_isum`, `q6_k_block_isum` (a whole k-quant super-block, its sub-block scales
-applied in the vector).
+(kernels/activations.py quantizes x): `dot_row_q8_0` (a whole Q8_0 row, scaled per block,
+accumulated in 8-lane f32 vectors), and `q4_k_block_isum`, `q5_k_block_isum`, `q6_k_block_isum`
+(a whole k-quant super-block, its sub-block scales applied in the vector).
 
 Why: a block's weight x activation products are then exact integers, equal in any summation
 order, so every kernel variant gives a row the same bits (batch invariance); and on AVX2 a
@@ -41,11 +40,6 @@ def _half(builder, vector, which):
     return builder.shuffle_vector(vector, vector, mask)
 
 
-def _dot16(builder, a16, x16):
-    # int32 sum of the 16 products of two <16 x i16> vectors (exact: |a * x| < 2^15 * 2^15)
-    return _reduce_add(builder, _madd16(builder, a16, x16))
-
-
 def _load(builder, pointer, offset, vector_type, align):
     at = builder.gep(pointer, [offset]) if offset is not None else pointer
     return builder.load(builder.bitcast(at, vector_type.as_pointer()), align=align)
@@ -55,28 +49,53 @@ def _pointer(context, builder, array_type, array, offset):
     return builder.gep(context.make_array(array_type)(context, builder, array).data, [offset])
 
 
-
 def _x_halves(builder, x_ptr):
     # the 32 int16 activations at x_ptr as two <16 x i16>
     return (_load(builder, x_ptr, None, V16I16, 2),
             _load(builder, x_ptr, ir.Constant(I64, 16), V16I16, 2))
 
 
-@intrinsic
-def dot32_i8_i16(typingctx, w, w_offset, xq, x_offset):
-    """int32 sum_{i<32} int8(w[w_offset + i]) * xq[x_offset + i]; w uint8 bytes, xq int16."""
-    if not (isinstance(w, types.Array) and isinstance(xq, types.Array)):
-        return None
-    sig = types.int32(w, w_offset, xq, x_offset)
+def _madd16(builder, a16, x16):
+    # <8 x i32> pairwise products a[2i]*x[2i] + a[2i+1]*x[2i+1] of two <16 x i16>
+    if HAS_AVX2:
+        v8i32 = ir.VectorType(I32, 8)
+        madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [V16I16, V16I16]),
+                                              "llvm.x86.avx2.pmadd.wd")
+        return builder.call(madd, [a16, x16])
+    v16i32 = ir.VectorType(I32, 16)
+    products = builder.mul(builder.sext(a16, v16i32), builder.sext(x16, v16i32))
+    even = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2))))
+    odd = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(I32, 8), list(range(1, 16, 2))))
+    return builder.add(even, odd)
 
-    def codegen(context, builder, signature, args):
-        w_ptr = _pointer(context, builder, signature.args[0], args[0], args[1])
-        x_lo, x_hi = _x_halves(builder, _pointer(context, builder, signature.args[2], args[2], args[3]))
-        weights = builder.sext(_load(builder, w_ptr, None, V32I8, 1), V32I16)
-        return builder.add(_dot16(builder, _half(builder, weights, 0), x_lo),
-                           _dot16(builder, _half(builder, weights, 1), x_hi))
 
-    return sig, codegen
+def _madd32(builder, values, x_ptr):
+    # <8 x i32>: vpmaddwd of 32 int16 values (a <32 x i16>) with the 32 activations at x_ptr,
+    # the two halves' pairs added lane-wise
+    x_lo, x_hi = _x_halves(builder, x_ptr)
+    return builder.add(_madd16(builder, _half(builder, values, 0), x_lo),
+                       _madd16(builder, _half(builder, values, 1), x_hi))
+
+
+def _scaled_madd32(builder, values, x_ptr, scale_first, scale_second):
+    # <8 x i32>: vpmaddwd of 32 int16 values (a <32 x i16>) with the 32 activations at x_ptr, the
+    # lanes of the first 16 values times scale_first and of the last 16 times scale_second
+    x_lo, x_hi = _x_halves(builder, x_ptr)
+    v8i32 = ir.VectorType(I32, 8)
+    first = builder.mul(_madd16(builder, _half(builder, values, 0), x_lo), _splat(builder, scale_first, v8i32))
+    second = builder.mul(_madd16(builder, _half(builder, values, 1), x_hi), _splat(builder, scale_second, v8i32))
+    return builder.add(first, second)
+
+
+def _reduce_add(builder, vector):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I32, [vector.type]),
+                                        f"llvm.vector.reduce.add.v{vector.type.count}i32")
+    return builder.call(fn, [vector])
+
+
+def _bytes(builder, value):
+    # <32 x i8> with the constant `value` in every lane
+    return _splat(builder, ir.Constant(I8, value), V32I8)
 
 
 @intrinsic
@@ -112,9 +131,7 @@ def dot_row_q8_0(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block):
             d_w = builder.load(builder.gep(lut, [builder.zext(d_bits, I64)]))
             scale = builder.fmul(d_w, builder.load(builder.gep(d_row, [b])))
             weights = builder.sext(_load(builder, block, ir.Constant(I64, 2), V32I8, 1), V32I16)
-            x_lo, x_hi = _x_halves(builder, builder.gep(x_row, [builder.mul(b, ir.Constant(I64, 32))]))
-            pairs = builder.add(_madd16(builder, _half(builder, weights, 0), x_lo),
-                                _madd16(builder, _half(builder, weights, 1), x_hi))
+            pairs = _madd32(builder, weights, builder.gep(x_row, [builder.mul(b, ir.Constant(I64, 32))]))
             term = builder.fmul(builder.sitofp(pairs, v8f32), _splat(builder, scale, v8f32))
             builder.store(builder.fadd(builder.load(accumulator), term), accumulator)
 
@@ -135,36 +152,6 @@ def dot_row_q8_0(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block):
     return sig, codegen
 
 
-def _madd16(builder, a16, x16):
-    # <8 x i32> pairwise products a[2i]*x[2i] + a[2i+1]*x[2i+1] of two <16 x i16>
-    if HAS_AVX2:
-        v8i32 = ir.VectorType(I32, 8)
-        madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [V16I16, V16I16]),
-                                              "llvm.x86.avx2.pmadd.wd")
-        return builder.call(madd, [a16, x16])
-    v16i32 = ir.VectorType(I32, 16)
-    products = builder.mul(builder.sext(a16, v16i32), builder.sext(x16, v16i32))
-    even = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2))))
-    odd = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(I32, 8), list(range(1, 16, 2))))
-    return builder.add(even, odd)
-
-
-def _scaled_madd32(builder, values, x_ptr, scale_first, scale_second):
-    # <8 x i32>: vpmaddwd of 32 int16 values (a <32 x i16>) with the 32 activations at x_ptr, the
-    # lanes of the first 16 values times scale_first and of the last 16 times scale_second
-    x_lo, x_hi = _x_halves(builder, x_ptr)
-    v8i32 = ir.VectorType(I32, 8)
-    first = builder.mul(_madd16(builder, _half(builder, values, 0), x_lo), _splat(builder, scale_first, v8i32))
-    second = builder.mul(_madd16(builder, _half(builder, values, 1), x_hi), _splat(builder, scale_second, v8i32))
-    return builder.add(first, second)
-
-
-def _reduce_add(builder, vector):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I32, [vector.type]),
-                                        f"llvm.vector.reduce.add.v{vector.type.count}i32")
-    return builder.call(fn, [vector])
-
-
 def _q4_q5_k_codegen(has_fifth_bits):
     # codegen for q4_k_block_isum / q5_k_block_isum (see their docstrings)
     qs_offset = 48 if has_fifth_bits else 16
@@ -179,19 +166,15 @@ def _q4_q5_k_codegen(has_fifth_bits):
         for g in range(4):
             packed = _load(builder, block, ir.Constant(I64, qs_offset + 32 * g), V32I8, 1)
             for half, shift in ((0, 0), (1, 4)):
-                values = builder.and_(builder.lshr(packed, _splat(builder, ir.Constant(I8, shift), V32I8)),
-                                      _splat(builder, ir.Constant(I8, 15), V32I8))
+                values = builder.and_(builder.lshr(packed, _bytes(builder, shift)), _bytes(builder, 15))
                 s = 2 * g + half
                 if has_fifth_bits:  # bit s of qh[l] is the fifth bit of value 32 s + l
-                    fifth = builder.and_(builder.lshr(high_bits, _splat(builder, ir.Constant(I8, s), V32I8)),
-                                         _splat(builder, ir.Constant(I8, 1), V32I8))
-                    values = builder.or_(values, builder.shl(fifth, _splat(builder, ir.Constant(I8, 4), V32I8)))
+                    fifth = builder.and_(builder.lshr(high_bits, _bytes(builder, s)), _bytes(builder, 1))
+                    values = builder.or_(values, builder.shl(fifth, _bytes(builder, 4)))
                 # scale (6 bits) x value (<= 5 bits) < 2^11 fits the int16 lanes: one 16-lane
                 # multiply before vpmaddwd instead of two 8-lane int32 multiplies after it
                 scaled = builder.mul(builder.zext(values, V32I16), _splat(builder, scale[s], V32I16))
-                x_lo, x_hi = _x_halves(builder, builder.gep(x_ptr, [ir.Constant(I64, 32 * s)]))
-                part = builder.add(_madd16(builder, _half(builder, scaled, 0), x_lo),
-                                   _madd16(builder, _half(builder, scaled, 1), x_hi))
+                part = _madd32(builder, scaled, builder.gep(x_ptr, [ir.Constant(I64, 32 * s)]))
                 total = part if total is None else builder.add(total, part)
         return _reduce_add(builder, total)
 
@@ -232,9 +215,6 @@ def q6_k_block_isum(typingctx, w, block_offset, xq, x_offset):
         block = _pointer(context, builder, signature.args[0], args[0], args[1])
         x_ptr = _pointer(context, builder, signature.args[2], args[2], args[3])
 
-        def byte_splat(value):
-            return _splat(builder, ir.Constant(I8, value), V32I8)
-
         def scale(index):  # int8 scale byte at 192 + index, as int32
             return builder.sext(builder.load(builder.gep(block, [ir.Constant(I64, 192 + index)])), I32)
 
@@ -243,9 +223,9 @@ def q6_k_block_isum(typingctx, w, block_offset, xq, x_offset):
             qh = _load(builder, block, ir.Constant(I64, 128 + 32 * half), V32I8, 1)
             for g in range(4):
                 ql = _load(builder, block, ir.Constant(I64, 64 * half + 32 * (g & 1)), V32I8, 1)
-                low = builder.and_(builder.lshr(ql, byte_splat(4 * (g >> 1))), byte_splat(15))
-                high = builder.and_(builder.lshr(qh, byte_splat(2 * g)), byte_splat(3))
-                q = builder.sub(builder.or_(low, builder.shl(high, byte_splat(4))), byte_splat(32))  # [-32, 31]
+                low = builder.and_(builder.lshr(ql, _bytes(builder, 4 * (g >> 1))), _bytes(builder, 15))
+                high = builder.and_(builder.lshr(qh, _bytes(builder, 2 * g)), _bytes(builder, 3))
+                q = builder.sub(builder.or_(low, builder.shl(high, _bytes(builder, 4))), _bytes(builder, 32))  # [-32, 31]
                 first = 8 * half + 2 * g  # scale index of values l < 16; l >= 16 take the next one
                 part = _scaled_madd32(builder, builder.sext(q, V32I16),
                                       builder.gep(x_ptr, [ir.Constant(I64, 128 * half + 32 * g)]),

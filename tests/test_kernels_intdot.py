@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit
 
 from kernels.activations import quantize_q8_0, quantize_q8_k
-from kernels.intdot import dot32_i8_i16, dot_row_q8_0, q4_k_block_isum, q5_k_block_isum, q6_k_block_isum
+from kernels.intdot import dot_row_q8_0, q4_k_block_isum, q5_k_block_isum, q6_k_block_isum
 
 
 def ggml_quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,25 +62,14 @@ def test_non_finite_block_poisons_only_its_own_scale():
     assert np.isnan(d[0, 0]) and d[0, 1] == np.float32(np.float16(1 / 127)) and (q[0, 32:] == 127).all()
 
 
-@njit(cache=False)
-def _dots(w, xq, n_blocks, out):
-    for b in range(n_blocks):
-        out[b] = dot32_i8_i16(w, np.uint64(b * 34 + 2), xq, np.uint64(b * 32))
-
-
-def test_block_dot_is_the_exact_integer_sum_at_the_extremes():
-    rng = np.random.default_rng(1)
-    n_blocks = 9
-    w = rng.integers(0, 256, n_blocks * 34, dtype=np.uint8)
-    w[2:34] = 0x80  # int8 -128 everywhere, against x = -127: the largest products
-    xq = rng.integers(-127, 128, n_blocks * 32).astype(np.int16)
-    xq[:32] = -127
-    out = np.empty(n_blocks, np.int32)
-    _dots(w, xq, n_blocks, out)
-    values = w.reshape(n_blocks, 34)[:, 2:].view(np.int8).astype(np.int64)
-    expected = (values * xq.reshape(n_blocks, 32)).sum(axis=1)
-    np.testing.assert_array_equal(out, expected)
-    assert out[0] == 32 * 128 * 127
+def test_q8_0_block_dot_is_exact_at_the_extremes():
+    # int8 -128 everywhere against x = -127: the largest products, one block of scale 1 x 1,
+    # so the f32 result is the exact integer sum
+    from kernels.quant import f16_table
+    w = np.full(34, 0x80, np.uint8)
+    w[:2] = np.array([1.0], np.float16).view(np.uint8)
+    xq = np.full(32, -127, np.int16)
+    assert _row_dot(w, 1, f16_table(), xq, np.ones(1, np.float32)) == 32 * 128 * 127
 
 
 def test_quantize_q8_k_matches_ggml_and_sums_each_32():
@@ -187,7 +176,7 @@ def test_portable_ir_without_avx2_gives_the_same_integers(monkeypatch):
     def build():
         @njit(cache=False)
         def run(w, xq, xd, lut, scales, out):
-            out[0] = intdot.dot32_i8_i16(w, np.uint64(2), xq, np.uint64(0))
+            out[0] = intdot.q5_k_block_isum(w, np.uint64(0), scales, xq, np.uint64(0))
             out[1] = intdot.q4_k_block_isum(w, np.uint64(0), scales, xq, np.uint64(0))
             out[2] = intdot.q6_k_block_isum(w, np.uint64(0), xq, np.uint64(0))
             return intdot.dot_row_q8_0(w, np.uint64(0), 3, lut, xq, xd, np.uint64(0))
