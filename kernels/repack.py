@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-Q4_0, Q5_0 = 2, 6
+from kernels.quant import BLOCK_LAYOUT, Q4_0, Q5_0, Q8_0
+
 WIDENED_TYPES = (Q4_0, Q5_0)  # GGML types widen_to_q8_0 accepts
-_BLOCK_BYTES = {Q4_0: 18, Q5_0: 22}
-Q8_0_BLOCK_BYTES = 34
+Q8_0_BLOCK_BYTES = BLOCK_LAYOUT[Q8_0][1]
 
 
 @njit(cache=True, parallel=True)
@@ -52,7 +52,7 @@ def widen_to_q8_0(src: np.ndarray, ggml_type: int) -> np.ndarray:
     """Q4_0 or Q5_0 block bytes (uint8) -> a new array holding the same weights as Q8_0 blocks."""
     if ggml_type not in WIDENED_TYPES:
         raise ValueError(f"only Q4_0 and Q5_0 widen to Q8_0, got GGML type {ggml_type}")
-    block_bytes = _BLOCK_BYTES[ggml_type]
+    block_bytes = BLOCK_LAYOUT[ggml_type][1]
     src = np.ascontiguousarray(src, dtype=np.uint8).reshape(-1)
     if src.size % block_bytes:
         raise ValueError(f"data must be whole {block_bytes}-byte blocks, got {src.size} bytes")
