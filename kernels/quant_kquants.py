@@ -80,27 +80,21 @@ def deq_q3_k(u8, lut, o, y, yo, n16):
 
 @njit(cache=True, fastmath=True)
 def deq_q4_k(u8, lut, o, y, yo, n16):
-    d = _f16(u8, lut, o)
-    dmin = _f16(u8, lut, o + 2)
-    for g in range(4):
-        sc1, m1 = scale_min_k4(u8, o + 4, 2 * g)
-        sc2, m2 = scale_min_k4(u8, o + 4, 2 * g + 1)
-        d1 = d * np.float32(sc1)
-        d2 = d * np.float32(sc2)
-        mm1 = dmin * np.float32(m1)
-        mm2 = dmin * np.float32(m2)
-        q = o + 16 + g * 32
-        base = yo + g * 64
-        for l in range(2 * n16):  # == 32, a run-time bound (see quant.py)
-            qv = np.int32(u8[q + l])
-            y[U(base + l)] = d1 * np.float32(qv & 15) - mm1
-            y[U(base + 32 + l)] = d2 * np.float32(qv >> 4) - mm2
+    _deq_q4_q5_k(u8, lut, o, y, yo, n16, False)
 
 
 @njit(cache=True, fastmath=True)
 def deq_q5_k(u8, lut, o, y, yo, n16):
+    _deq_q4_q5_k(u8, lut, o, y, yo, n16, True)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _deq_q4_q5_k(u8, lut, o, y, yo, n16, q5):
+    # Q4_K and Q5_K share the layout up to Q5_K's qh[32] (bit s of qh[l] is the fifth bit of
+    # value 32 s + l), which pushes the nibbles from byte 16 to 48; q5 is a literal from the callers
     d = _f16(u8, lut, o)
     dmin = _f16(u8, lut, o + 2)
+    qs = o + 48 if q5 else o + 16
     for g in range(4):
         sc1, m1 = scale_min_k4(u8, o + 4, 2 * g)
         sc2, m2 = scale_min_k4(u8, o + 4, 2 * g + 1)
@@ -108,13 +102,16 @@ def deq_q5_k(u8, lut, o, y, yo, n16):
         d2 = d * np.float32(sc2)
         mm1 = dmin * np.float32(m1)
         mm2 = dmin * np.float32(m2)
-        q = o + 48 + g * 32
+        q = qs + g * 32
         base = yo + g * 64
         for l in range(2 * n16):  # == 32, a run-time bound (see quant.py)
             qv = np.int32(u8[q + l])
-            h = np.int32(u8[o + 16 + l])
-            lo = (qv & 15) | (((h >> (2 * g)) & 1) << 4)
-            hi = (qv >> 4) | (((h >> (2 * g + 1)) & 1) << 4)
+            lo = qv & 15
+            hi = qv >> 4
+            if q5:
+                h = np.int32(u8[o + 16 + l])
+                lo |= ((h >> (2 * g)) & 1) << 4
+                hi |= ((h >> (2 * g + 1)) & 1) << 4
             y[U(base + l)] = d1 * np.float32(lo) - mm1
             y[U(base + 32 + l)] = d2 * np.float32(hi) - mm2
 
