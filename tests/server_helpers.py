@@ -51,6 +51,15 @@ REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = float(os.environ.get("GGSERVE_TEST_STARTUP_TIMEOUT", "900"))
 
 
+def stop_process(proc: subprocess.Popen, grace_seconds: float) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited after grace_seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,8 +91,4 @@ def running_server(model_path: Path, log_dir: Path, *args: str) -> Iterator[str]
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)

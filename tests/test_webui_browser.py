@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.fake_server import fake_server_process
+from tests.server_helpers import stop_process
 
 websocket = pytest.importorskip("websocket", reason="needs websocket-client (pip install websocket-client)")
 
@@ -108,11 +109,7 @@ def browser(tmp_path):
         yield tools
         tools.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 10)
 
 
 def _open_page(browser: DevTools, url: str) -> None:
