@@ -175,12 +175,7 @@ def _blas(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
     # _TILE_BYTES) and let numpy's sgemm do x @ tile^T. The decode is serial on purpose:
     # measured, a numba parallel region between sgemm calls made OpenMP and OpenBLAS threads
     # fight over the 2 cores (2.3x slower), while the serial decode is ~20% of the sgemm time.
-    # the fused kernels multiply Q8_0 / Q4_K / Q5_K / Q6_K matrices with x rounded to Q8_0 / Q8_K
-    # (kernels/activations.py, as llama.cpp does); prefill rounds it the same way
-    if w.ggml_type == Q8_0:
-        x = q8_0_round_trip(x)
-    elif w.ggml_type in K_QUANTS_Q8_K:
-        x = q8_k_round_trip(x)
+    # x arrives already rounded as w's type wants it (_blas_all).
     rows = max(4, min(w.m, _TILE_BYTES // (4 * w.k)))
     tile = np.empty((rows, w.k), np.float32)
     bpr = w.k // w.block_size
@@ -246,8 +241,20 @@ def matmul_multi(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray],
 
 
 def _blas_all(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None:
+    # The fused kernels multiply Q8_0 / Q4_K / Q5_K / Q6_K matrices with x rounded to Q8_0 /
+    # Q8_K (kernels/activations.py, as llama.cpp does); prefill rounds it the same way, once
+    # per kind for all the matrices sharing x (Q, K and V; gate and up).
+    rounded = {}
     for w, o in zip(ws, outs):
-        _blas(x, w, o)
+        if w.ggml_type == Q8_0:
+            kind, round_trip = "q8_0", q8_0_round_trip
+        elif w.ggml_type in K_QUANTS_Q8_K:
+            kind, round_trip = "q8_k", q8_k_round_trip
+        else:
+            kind, round_trip = "f32", None
+        if kind not in rounded:
+            rounded[kind] = round_trip(x) if round_trip else x
+        _blas(rounded[kind], w, o)
 
 
 def _fused_all(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None:
