@@ -55,7 +55,9 @@ def quantize_q8_0(xf, n, k, xq, xd):
                     xq[o + i] = 0
                 continue
             d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            # 127 / amax, not 1 / d: ggml's x86 quantize_row_q8_0 (the one llama.cpp runs here)
+            # multiplies by it, and the two differ in the last bit often enough to flip a rounding
+            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
             for i in range(32):
                 xq[o + i] = np.int16(np.rint(xf[o + i] * inv))
             xd[j * nb + b] = _round_to_f16(d)

@@ -9,6 +9,10 @@ with the layer index so no strided view is built per call. Cell t of a slot hold
 position t. A float16 cache is passed as its uint16 bit pattern (numba has no float16 on CPU);
 a float32 cache is passed as is; both compile from the same source through `load_row`.
 
+Numerics follow llama.cpp's attention without flash attention (its reference outputs were made
+so): with an f16 cache, Q and the softmax probabilities are rounded to f16 before their products
+(`round_to_cache`), and probabilities are normalized before they weight V.
+
 Work is split over (query row, kv head) pairs: all query heads that share a kv head are done
 together, so each cached K/V row is loaded (and converted) once per query row.
 """
@@ -19,6 +23,9 @@ import math
 import numpy as np
 from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
+
+from kernels.quant import f16_round, f32_to_f16_bits
+
 
 def load_row(src, dst):
     """dst (d,) f32 <- src (d,) as float32 (src is float32, or float16 bit patterns as uint16)."""
@@ -46,6 +53,21 @@ def _load_row_overload(src, dst):
             dst[j] = src[j]
 
     return load_f32
+
+
+def round_to_cache(v, cache):
+    """v f32 as llama.cpp's attention sees it next to `cache`: rounded to f16 when the cache is f16.
+
+    Without flash attention, ggml multiplies an f16 cache by f16 operands: it converts Q to f16
+    for Q.K, and the softmax probabilities to f16 for P.V. An f32 cache takes f32 operands."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(round_to_cache, inline="always")
+def _round_to_cache_overload(v, cache):
+    if isinstance(cache.dtype, types.Integer):
+        return lambda v, cache: f16_round(v)
+    return lambda v, cache: v
 
 
 # Below this many multiply-adds a call runs on the calling thread: a parallel region costs
@@ -105,6 +127,7 @@ def _attend_tasks(q, k_cache, v_cache, layer, slot_ids, positions, scale, window
     value_dim = v_cache.shape[4]
     group = n_heads // n_kv_heads // n_splits  # query heads per task
     scores = np.empty((group, max_len), np.float32)
+    query = np.empty((group, head_dim), np.float32)
     key = np.empty(head_dim, np.float32)
     value = np.empty(value_dim, np.float32)
     acc = np.empty((group, value_dim), np.float32)
@@ -118,21 +141,31 @@ def _attend_tasks(q, k_cache, v_cache, layer, slot_ids, positions, scale, window
         if window > 0 and pos - window + 1 > 0:
             start = pos - window + 1
         length = pos + 1 - start
+        for g in range(group):
+            for j in range(head_dim):
+                query[g, j] = round_to_cache(q[i, first_head + g, j], k_cache)
         for t in range(length):
             load_row(k_cache[slot, layer, start + t, kv_head], key)
             for g in range(group):
-                h = first_head + g
                 dot = np.float32(0.0)
                 for j in range(head_dim):
-                    dot += q[i, h, j] * key[j]
+                    dot += query[g, j] * key[j]
                 scores[g, t] = dot * scale
+        # softmax as ggml's soft_max: exp(s - max), summed in float64, scaled by f32(1 / sum); the
+        # probabilities then meet V in V's precision (llama.cpp's path without flash attention)
         for g in range(group):
             mx = scores[g, 0]
             for t in range(1, length):
                 if scores[g, t] > mx:
                     mx = scores[g, t]
+            total = 0.0
             for t in range(length):
-                scores[g, t] = math.exp(scores[g, t] - mx)
+                e = math.exp(scores[g, t] - mx)
+                scores[g, t] = e
+                total += e
+            inv = np.float32(1.0 / total)
+            for t in range(length):
+                scores[g, t] = round_to_cache(scores[g, t] * inv, v_cache)
         acc[:, :] = 0.0
         for t in range(length):
             load_row(v_cache[slot, layer, start + t, kv_head], value)
@@ -141,13 +174,9 @@ def _attend_tasks(q, k_cache, v_cache, layer, slot_ids, positions, scale, window
                 for j in range(value_dim):
                     acc[g, j] += w * value[j]
         for g in range(group):
-            total = 0.0  # float64, as ggml's softmax sum
-            for t in range(length):
-                total += scores[g, t]
-            inv = np.float32(1.0 / total)
             h = first_head + g
             for j in range(value_dim):
-                out[i, h, j] = acc[g, j] * inv
+                out[i, h, j] = acc[g, j]
 
 
 def store_row(src, dst):
@@ -160,20 +189,8 @@ def _store_row_overload(src, dst):
     if isinstance(dst.dtype, types.Integer):
 
         def store_f16_bits(src, dst):
-            bits = src.view(np.uint32)
             for j in range(src.shape[0]):
-                u = np.int64(bits[j])
-                sign = (u >> 16) & 0x8000
-                a = u & 0x7FFFFFFF
-                h = np.int64(0x7C00)
-                if a >= 0x47800000:  # >= 65536 (or inf / nan): inf, or a quiet nan
-                    if a > 0x7F800000:
-                        h = np.int64(0x7E00)
-                elif a < 0x38800000:  # below 2^-14: an f16 subnormal, multiple of 2^-24
-                    h = np.int64(np.rint(abs(np.float64(src[j])) * 16777216.0))
-                else:  # rebias the exponent, round the 13 dropped bits to nearest even
-                    h = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
-                dst[j] = np.uint16(h | sign)
+                dst[j] = f32_to_f16_bits(src[j])
 
         return store_f16_bits
 

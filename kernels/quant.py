@@ -1,8 +1,9 @@
 """GGML weight block layouts and numba dequantization for every supported type.
 
 Owns: the type table (ids match ggml / GGUF: F32=0 F16=1 Q4_0=2 Q4_1=3 Q5_0=6 Q5_1=7 Q8_0=8
-Q2_K=10 Q3_K=11 Q4_K=12 Q5_K=13 Q6_K=14 BF16=30), the f16 -> f32 lookup table, and
-`dequantize` / `dequantize_blocks` which expand raw row-major block bytes to f32.
+Q2_K=10 Q3_K=11 Q4_K=12 Q5_K=13 Q6_K=14 BF16=30), the f16 -> f32 lookup table, scalar f32 -> f16
+rounding (`f32_to_f16_bits`, `f16_round`), and `dequantize` / `dequantize_blocks` which expand
+raw row-major block bytes to f32.
 
 The kernels read the raw GGUF block bytes in place (no repacking): every block's f16 scales sit
 at even byte offsets, and are converted with a 65536-entry f32 table (numba has no CPU float16).
@@ -13,7 +14,9 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from kernels import threads  # noqa: F401  (selects the OpenMP threading layer before any parallel launch)
 from kernels.quant_kquants import deq_q2_k, deq_q3_k, deq_q4_k, deq_q5_k, deq_q6_k
@@ -46,6 +49,58 @@ def f16_table() -> np.ndarray:
     table = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
     table.flags.writeable = False
     return table
+
+
+@intrinsic
+def _f32_bits(typingctx, v):
+    # float32 -> its IEEE bit pattern as uint32 (a register bitcast, no memory round trip)
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, u):
+    # uint32 IEEE bit pattern -> that float32
+    if u != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@njit(cache=True, inline="always")
+def f32_to_f16_bits(v):
+    # v f32 -> the nearest f16 (ties to even, as F16C's vcvtps2ph and numpy) as its uint16 bit pattern
+    u = np.int64(_f32_bits(np.float32(v)))
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    h = np.int64(0x7C00)
+    if a >= 0x47800000:  # >= 65536 (or inf / nan): inf, or a quiet nan
+        if a > 0x7F800000:
+            h = np.int64(0x7E00)
+    elif a < 0x38800000:  # below 2^-14: an f16 subnormal, multiple of 2^-24
+        h = np.int64(np.rint(abs(np.float64(v)) * 16777216.0))
+    else:  # rebias the exponent, round the 13 dropped bits to nearest even
+        h = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
+    return np.uint16(h | sign)
+
+
+@njit(cache=True, inline="always")
+def f16_round(v):
+    # v f32 -> v rounded to f16 (ties to even), as f32: what ggml's f32 -> f16 -> f32 round trip gives.
+    # The f16 bits move into an f32's place and 2^112 rebiases the exponent (exact, subnormals too).
+    h = np.uint32(f32_to_f16_bits(v))
+    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):  # f16 inf / nan: no exponent rebias can make them
+        return v if v != v else np.float32(np.inf) * (np.float32(-1.0) if v < 0 else np.float32(1.0))
+    bits = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
+    return _bits_f32(np.uint32(bits)) * np.float32(5.192296858534828e33)  # 2^112
 
 
 @njit(cache=True, inline="always")

@@ -10,7 +10,14 @@ from kernels.attention import attention
 rng = np.random.default_rng(7)
 
 
+def f16(x):
+    return np.asarray(x).astype(np.float16).astype(np.float64)
+
+
 def reference(q, k_cache, v_cache, layer, slot_ids, positions, scale, window):
+    """softmax(q K^T * scale) V in float64; with an f16 cache, Q and the normalized probabilities
+    are rounded to f16 first, as llama.cpp's attention without flash attention does."""
+    f16_operands = k_cache.dtype == np.float16
     n, n_heads, _ = q.shape
     group = n_heads // k_cache.shape[3]
     out = np.zeros((n, n_heads, v_cache.shape[4]), np.float64)
@@ -20,9 +27,11 @@ def reference(q, k_cache, v_cache, layer, slot_ids, positions, scale, window):
         for h in range(n_heads):
             keys = k_cache[slot, layer, start:pos + 1, h // group].astype(np.float64)
             values = v_cache[slot, layer, start:pos + 1, h // group].astype(np.float64)
-            s = keys @ q[i, h].astype(np.float64) * scale
+            query = f16(q[i, h]) if f16_operands else q[i, h].astype(np.float64)
+            s = keys @ query * scale
             p = np.exp(s - s.max())
-            out[i, h] = p @ values / p.sum()
+            p /= p.sum()
+            out[i, h] = (f16(p) if f16_operands else p) @ values
     return out
 
 
@@ -78,15 +87,18 @@ def test_single_cell_returns_its_value():
     np.testing.assert_allclose(out[0, 3], v[2, 1, 0, 1], rtol=1e-6)
 
 
-def test_float16_cache_read_as_bits_matches_float32():
+def test_float16_cache_rounds_q_and_probabilities_like_llama_cpp():
     k, v = make_cache(value_dim=8, dtype=np.float16)
-    k[0, 0, 2, 0, :4] = [0.0, -0.0, 6e-8, -65504.0]  # subnormal and extreme f16 values
+    k[0, 0, 2, 0, :4] = [0.0, -0.0, 6e-8, -65504.0 / 64]  # subnormal and large f16 values
     q = rng.standard_normal((3, 2, 16)).astype(np.float32)  # 2 heads over 2 kv heads (no grouping)
     slots, positions = [0, 1, 0], [2, 7, 5]
     out16 = run(q, k, v, 0, slots, positions, 0.1, 0)
-    out32 = run(q, k.astype(np.float32), v.astype(np.float32), 0, slots, positions, 0.1, 0)
-    np.testing.assert_allclose(out16, out32, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(out32, reference(q, k, v, 0, slots, positions, 0.1, 0), rtol=1e-4, atol=1e-5)
+    k32, v32 = k.astype(np.float32), v.astype(np.float32)
+    out32 = run(q, k32, v32, 0, slots, positions, 0.1, 0)
+    np.testing.assert_allclose(out16, reference(q, k, v, 0, slots, positions, 0.1, 0), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(out32, reference(q, k32, v32, 0, slots, positions, 0.1, 0), rtol=2e-6, atol=2e-6)
+    # the same cached values without the f16 operand rounding: visibly different results
+    assert np.abs(out16 - out32).max() > 1e-4
 
 
 @pytest.mark.parametrize("n_kv", [1, 2])

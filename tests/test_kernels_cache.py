@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from kernels.attention import attention, store_kv
 from kernels.matmul import QuantMatrix, get_rows, matmul
-from kernels.ops import gelu_mul, prepare_qkv, residual_rmsnorm, rope, silu_mul
+from kernels.ops import gelu_f16_table, gelu_mul, prepare_qkv, residual_rmsnorm, rope, silu_mul
 from tests.test_kernels_quant import random_blocks
 
 rng = np.random.default_rng(0)
@@ -47,7 +47,7 @@ attn = np.empty((n, heads, dim), np.float32)
 attention(q, k_cache, v_cache, 0, slots, pos, np.float32(0.125), 0, attn)
 gate, up = rng.standard_normal((2, n, 128)).astype(np.float32)
 gate2 = gate.copy()
-gelu_mul(gate, up)
+gelu_mul(gate, up, gelu_f16_table())
 silu_mul(gate2, up)
 outs = [q, k, v, k2, x, xn, attn, gate, gate2]
 for ggml_type in (6, 8, 12, 14, 2):

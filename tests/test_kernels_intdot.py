@@ -10,12 +10,14 @@ from kernels.intdot import dot_row_q8_0, q4_k_block_isum, q5_k_block_isum, q6_k_
 
 
 def ggml_quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """numpy oracle of quantize_row_q8_0: (values (n, k) int, f16-rounded scales (n, k/32))."""
+    """numpy oracle of ggml's x86 quantize_row_q8_0: (values (n, k) int, f16-rounded scales (n, k/32)).
+    Values are rint(x * (127 / amax)); the generic C reference multiplies by 1 / (amax / 127) instead."""
     n, k = x.shape
     blocks = x.reshape(n, k // 32, 32).astype(np.float32)
-    d = np.abs(blocks).max(axis=2) / np.float32(127)
+    amax = np.abs(blocks).max(axis=2)
+    d = amax / np.float32(127)
     with np.errstate(divide="ignore"):
-        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
     return np.rint(blocks * inv[..., None]).reshape(n, k), d.astype(np.float16).astype(np.float32)
 
 
@@ -49,6 +51,15 @@ def test_quantize_matches_ggml_rounding_over_many_scales():
     np.testing.assert_array_equal(q, expected_q)
     np.testing.assert_array_equal(d, expected_d)
     assert np.abs(q).max() == 127 and d[0, 0] == 0 and not q[0, :32].any()
+
+
+def test_quantize_scales_by_127_over_amax_like_ggml_on_x86():
+    # 60.559776 * (127 / 127.12547) rounds to 61, but times 1 / (127.12547 / 127) to 60: the two
+    # formulas differ in the last bit here, and llama.cpp's x86 build uses the first
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0], x[0, 1] = np.float32(127.12547), np.float32(60.559776)
+    q, _ = run_quantize(x)
+    assert q[0, 1] == 61 and q[0, 0] == 127
 
 
 def test_non_finite_block_poisons_only_its_own_scale():

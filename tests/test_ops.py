@@ -1,10 +1,12 @@
 """kernels/ops.py against plain numpy formulas (the definitions llama.cpp's ggml implements)."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
-from kernels.ops import (add_bias, gelu_mul, prepare_qkv, residual_rmsnorm, rmsnorm, rope, silu_mul, softcap,
+from kernels.ops import (add_bias, gelu_f16_table, gelu_mul, prepare_qkv, residual_rmsnorm, rmsnorm, rope, silu_mul, softcap,
                          softmax_rows)
 
 rng = np.random.default_rng(1234)
@@ -117,11 +119,46 @@ def test_gated_activations():
     s = g.copy()
     silu_mul(s, u)
     np.testing.assert_allclose(s, g / (1 + np.exp(-g.astype(np.float64))) * u, rtol=1e-5, atol=1e-6)
+
+
+def _f16(x):
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+def test_gelu_is_looked_up_by_f16_like_ggml():
+    g = np.concatenate([rng.standard_normal(400).astype(np.float32) * 4,
+                        np.array([-10.5, -10.0, -9.99, 0.0, 9.99, 10.0, 12.5], np.float32)]).reshape(1, -1)
+    u = rng.standard_normal(g.shape).astype(np.float32)
     e = g.copy()
-    gelu_mul(e, u)
-    g64 = g.astype(np.float64)
+    gelu_mul(e, u, gelu_f16_table())
+    g64 = _f16(g).astype(np.float64)  # ggml rounds the input to f16 first
     gelu = 0.5 * g64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (g64 + 0.044715 * g64**3)))
-    np.testing.assert_allclose(e, gelu * u, rtol=1e-4, atol=1e-5)
+    expected = np.where(g <= -10, 0.0, np.where(g >= 10, g, _f16(gelu))) * u
+    # the table entry is f16(GELU computed in f32), which can land an f16 step or two from f16(exact
+    # GELU) where 1 + tanh cancels (negative inputs); test_gelu_table_is_ggmls_bit_for_bit is exact
+    np.testing.assert_allclose(e, expected, rtol=2.0**-10, atol=1e-6)
+    inside = np.abs(g) < 10
+    # the f16 lookup is visible: results are f16 GELU values times up, not the exact f32 GELU
+    np.testing.assert_array_equal(e[inside], (gelu_f16_table()[_f16(g[inside]).astype(np.float16).view(np.uint16)]
+                                              * u[inside]).astype(np.float32))
+    assert e[0, -4] == 0.0 and e[0, -2] == g[0, -2] * u[0, -2] and e[0, -1] == g[0, -1] * u[0, -1]
+
+
+def test_gelu_table_is_ggmls_bit_for_bit():
+    # sha256 of ggml_table_gelu_f16 (uint16 little-endian, the 63488 finite f16 inputs), read out of
+    # llama.cpp's libggml-cpu (llama-cpp-python 0.3.36, x86-64 AVX2 build) after ggml_cpu_init()
+    table = gelu_f16_table()
+    xs = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = np.isfinite(xs)
+    bits = table[finite].astype(np.float16).view(np.uint16).astype("<u2")
+    assert hashlib.sha256(bits.tobytes()).hexdigest() == GGML_GELU_TABLE_SHA256
+    assert not table.flags.writeable
+    # gelu(1.0) = 0.8413 and gelu(-1.0) = -0.1587 in f16; 0xBFFF is the one entry where an unfused
+    # 1 + a*x*x gives another f16 than ggml's fused multiply-add
+    assert list(table[[0x3C00, 0xBC00, 0xBFFF]].astype(np.float16).view(np.uint16)) == [15035, 45333, 43475]
+
+
+GGML_GELU_TABLE_SHA256 = "6be7bd8fd6b8a8fb4b704136976fc0173a0d12de047f1322f1e97fb20723bef7"
 
 
 def test_softmax_bias_and_softcap():

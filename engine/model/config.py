@@ -25,6 +25,7 @@ class ArchTraits:
     activation: str = "silu"  # gated FFN activation: "silu" (SwiGLU) or "gelu" (GeGLU, tanh approx)
     swa_period: int = 0  # every swa_period-th layer is global, the others sliding-window (0: none)
     swa_freq_base: float = 10000.0  # rope base of sliding-window layers, unless the file says
+    scale_query: bool = False  # the attention scale multiplies Q before Q.K (llama.cpp's Gemma graph)
 
 
 ARCHITECTURES: dict[str, ArchTraits] = {
@@ -32,7 +33,7 @@ ARCHITECTURES: dict[str, ArchTraits] = {
     "qwen2": ArchTraits(rope_neox=True, qkv_bias=True),
     "qwen3": ArchTraits(rope_neox=True, qk_norm=True),
     "gemma3": ArchTraits(rope_neox=True, qk_norm=True, post_norms=True, embed_scale=True,
-                         activation="gelu", swa_period=6),
+                         activation="gelu", swa_period=6, scale_query=True),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
@@ -63,6 +64,7 @@ class ModelConfig:
     post_norms: bool = False
     embed_scale: float = 1.0  # multiplier on token embeddings
     activation: str = "silu"
+    scale_query: bool = False  # attention scale applied to Q (before its f16 rounding), not to Q.K
     final_logit_softcap: float = 0.0  # 0: none
     rope_freq_factors: np.ndarray | None = field(default=None, compare=False, repr=False)
 
@@ -190,7 +192,7 @@ class ModelConfig:
             sliding_window=sliding_window, swa_layers=swa_layers, attn_scale=attn_scale,
             qkv_bias=traits.qkv_bias, qk_norm=traits.qk_norm, post_norms=traits.post_norms,
             embed_scale=math.sqrt(n_embd) if traits.embed_scale else 1.0,
-            activation=traits.activation,
+            activation=traits.activation, scale_query=traits.scale_query,
             final_logit_softcap=float(key("final_logit_softcapping", 0.0) or 0.0) if arch != "gemma3" else 0.0,
             rope_freq_factors=freq_factors,
         )

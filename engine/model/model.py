@@ -15,7 +15,7 @@ import numpy as np
 from engine.kv_cache import KVCache
 from kernels.attention import attention, store_kv
 from kernels.matmul import blas_rows_by_group, get_rows, matmul, matmul_multi
-from kernels.ops import gelu_mul, prepare_qkv, residual_rmsnorm, rmsnorm, silu_mul, softcap
+from kernels.ops import gelu_f16_table, gelu_mul, prepare_qkv, residual_rmsnorm, rmsnorm, silu_mul, softcap
 
 from .config import ModelConfig
 from .scratch import Scratch
@@ -40,7 +40,10 @@ class Model:
             spec = config.rope_spec(layer)
             self._rope_args.append((spec.n_rot, spec.theta_scale, np.float32(spec.freq_scale), spec.factors(), spec.neox))
         self._eps = np.float32(config.rms_eps)
-        self._scale = np.float32(config.attention_scale)
+        scale = np.float32(config.attention_scale)
+        # where the scale applies changes the bits once Q is rounded to f16 next to an f16 cache
+        self._q_scale, self._kq_scale = (scale, np.float32(1.0)) if config.scale_query else (np.float32(1.0), scale)
+        self._gelu_table = gelu_f16_table()
 
     # --- validation ----------------------------------------------------------------------------
     def _validate(self, token_ids, positions, slot_ids, logits_rows, output):
@@ -113,6 +116,8 @@ class Model:
         k = act.k.reshape(n, c.n_kv_heads, c.head_dim)
         v = act.v.reshape(n, c.n_kv_heads, c.value_dim)
         prepare_qkv(q, k, v, lw.bq, lw.bk, lw.bv, lw.q_norm, lw.k_norm, self._eps, positions, *self._rope_args[layer])
+        if self._q_scale != 1.0:
+            q *= self._q_scale
         store_kv(k, v, kv.k_kernel, kv.v_kernel, layer, slot_ids, positions)  # f32 -> cache cells
         if out_rows is not None:
             # Only the rows that produce output matter past this point (as llama.cpp does on its
@@ -128,12 +133,12 @@ class Model:
             q = act.q.reshape(n, c.n_heads, c.head_dim)
             q[:] = q_rows
         attn = act.attn.reshape(n, c.n_heads, c.value_dim)
-        attention(q, kv.k_kernel, kv.v_kernel, layer, slot_ids, positions, self._scale, c.window(layer), attn)
+        attention(q, kv.k_kernel, kv.v_kernel, layer, slot_ids, positions, self._kq_scale, c.window(layer), attn)
         matmul(act.attn, lw.wo, act.delta, blas_rows)
         residual_rmsnorm(act.x, act.delta, lw.post_attn_norm, lw.ffn_norm, self._eps, act.xn)
         matmul_multi(act.xn, [lw.w_gate, lw.w_up], [act.gate, act.up], blas_rows)
         if c.activation == "gelu":
-            gelu_mul(act.gate, act.up)
+            gelu_mul(act.gate, act.up, self._gelu_table)
         else:
             silu_mul(act.gate, act.up)
         matmul(act.gate, lw.w_down, act.delta, blas_rows)
