@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 GOLDEN = {"qwen": "qwen2.5-coder-0.5b-instruct-q4_k_m", "gemma": "gemma-3-270m-q4_k_m"}
 CLEAR_MARGIN = 0.25  # llama.cpp's top-2 logit gap above which its argmax is not a near-tie
 LOGIT_TOLERANCE = 0.5
-# measured 0.238 (0.227 before the kernels rounded activations to 8 bits as llama.cpp does); see
-# test_prompt_logits_match_llama_cpp
-GEMMA_KNOWN_MEAN_DIFF = 0.25
+# llama.cpp's own distance from its Gemma reference with flash attention on (llama-server's default):
+# max 1.596, mean 0.236 (`python -m bench.fidelity` with llama-cpp-python 0.3.36 installed)
+LLAMA_CPP_FA_SPREAD_GEMMA = (1.6, 0.24)
 N_CTX = 128
 
 
@@ -61,17 +61,34 @@ def test_prompt_logits_match_llama_cpp(golden):
           f"max {diffs.max():.3f} mean {diffs.mean():.3f} over {len(diffs)} logits")
     assert checked > 0 and agreed >= 0.98 * checked
     if which == "gemma" and diffs.max() > LOGIT_TOLERANCE:
-        # Known, open gap (issue: engine math). Like llama.cpp, the kernels round activations to
-        # 8 bits (Q8_0 / Q8_K) before each matmul; Gemma 3 270M's outlier activations turn any
-        # last-bit difference upstream of such a rounding into a different rounding, and the
-        # swings reach ~1 in the top logits (measured max 0.90). Position 0, where no attention
-        # mixes positions, agrees to ~0.01 (mean) with llama.cpp. Emulating llama.cpp's
-        # flash-attention numerics (f16 Q, f16 V accumulation) or its f16 GELU table moved the
-        # max between 0.84 and 1.08, never below 0.5. A regression beyond that noise still fails.
-        assert diffs.mean() <= GEMMA_KNOWN_MEAN_DIFF
-        pytest.xfail(f"gemma top-10 logits max |diff| {diffs.max():.3f} > {LOGIT_TOLERANCE} (8-bit activation "
-                     "rounding amplified by Gemma's outlier activations; see the comment above)")
+        # Known, open gap (issue: engine math): the 0.5 bound is below llama.cpp's own spread on
+        # this model. Gemma 3 270M's outlier activations make its logits hypersensitive: llama.cpp
+        # run with flash attention on, or one token per batch, lands max 1.60 / 0.99 from its own
+        # reference, and nudging ggserve's matmul outputs by one ulp moves its logits by up to 0.6
+        # (bench/fidelity.py). ggserve reproduces llama.cpp's rounding steps (8-bit activations,
+        # the f16 GELU table, f16 Q and probabilities in attention), so position 0 agrees to
+        # < 0.005; later positions differ by summation order only. Staying within llama.cpp's
+        # own flash-attention spread is the regression check; beyond the 0.5 it is an xfail.
+        max_spread, mean_spread = LLAMA_CPP_FA_SPREAD_GEMMA
+        assert diffs.max() <= max_spread and diffs.mean() <= mean_spread
+        pytest.xfail(f"gemma top-10 logits max |diff| {diffs.max():.3f} > {LOGIT_TOLERANCE}: below llama.cpp's "
+                     "own spread on this model (see the comment above)")
     assert diffs.max() <= LOGIT_TOLERANCE
+
+
+def test_gemma_first_position_matches_llama_cpp_to_the_last_digits(gemma_path, testdata_dir):
+    # Position 0 (Gemma's BOS) mixes no positions in attention: with llama.cpp's rounding steps
+    # reproduced (8-bit activations, f16 GELU table, f16 attention operands, its rms norm and
+    # Q8_0 formulas) only summation order differs there. Measured max 5e-5 (the reference's
+    # printed precision); 0.10 before the GELU table and attention rounding matched llama.cpp's.
+    # (Qwen's first position, a real token, passes 24 layers of 8-bit roundings that amplify
+    # ulp-level differences: measured 0.04-0.08, within the general bound above.)
+    cases = json.loads((testdata_dir / "golden" / f"{GOLDEN['gemma']}.logits.json").read_text())["cases"]
+    model = load_model(GGUFFile(gemma_path), n_slots=1, n_ctx=8)
+    for case in cases:
+        logits = prefill(model, 0, case["prompt_tokens"][:1])[0]
+        ref = case["top10_per_position"][0]
+        assert np.abs(logits[ref["ids"]] - np.array(ref["logits"])).max() < 0.01
 
 
 def greedy(model, slot, prompt, n_steps):
