@@ -75,7 +75,10 @@ def _bits_f32(typingctx, u):
     return types.float32(types.uint32), codegen
 
 
-@njit(cache=True, inline="always")
+# f32_to_f16_bits and f16_round are ordinary calls, not inlined at numba's IR level: inlining their
+# branches makes numba print NumbaIRAssumptionWarnings at every first compile. Integer work and
+# one exact multiply: compiled apart, they give the same bits.
+@njit(cache=True)
 def f32_to_f16_bits(v):
     # v f32 -> the nearest f16 (ties to even, as F16C's vcvtps2ph and numpy) as its uint16 bit pattern
     u = np.int64(_f32_bits(np.float32(v)))
@@ -92,7 +95,7 @@ def f32_to_f16_bits(v):
     return np.uint16(h | sign)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def f16_round(v):
     # v f32 -> v rounded to f16 (ties to even), as f32: what ggml's f32 -> f16 -> f32 round trip gives.
     # The f16 bits move into an f32's place and 2^112 rebiases the exponent (exact, subnormals too).
