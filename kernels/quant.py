@@ -100,8 +100,11 @@ def f16_round(v):
     # v f32 -> v rounded to f16 (ties to even), as f32: what ggml's f32 -> f16 -> f32 round trip gives.
     # The f16 bits move into an f32's place and 2^112 rebiases the exponent (exact, subnormals too).
     h = np.uint32(f32_to_f16_bits(v))
-    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):  # f16 inf / nan: no exponent rebias can make them
-        return v if v != v else np.float32(np.inf) * (np.float32(-1.0) if v < 0 else np.float32(1.0))
+    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
+        # f16 inf / nan, which no exponent rebias reaches: the f32 inf / nan of the same sign and
+        # payload, built from bits (an inf constant or a nan test can be folded away in fastmath code)
+        return _bits_f32(np.uint32(((h & np.uint32(0x8000)) << np.uint32(16)) | np.uint32(0x7F800000)
+                                   | ((h & np.uint32(0x3FF)) << np.uint32(13))))
     bits = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
     return _bits_f32(np.uint32(bits)) * np.float32(5.192296858534828e33)  # 2^112
 

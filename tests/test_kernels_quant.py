@@ -68,3 +68,28 @@ def test_q8_0_hand_computed_block():
     block = np.concatenate([np.frombuffer(np.float16(0.5).tobytes(), np.uint8),
                             np.arange(-128, -96, dtype=np.int8).view(np.uint8)])
     np.testing.assert_array_equal(dequantize(block, 8, 32), np.arange(-128, -96) * 0.5)
+
+
+def test_scalar_f16_rounding_matches_numpy_everywhere():
+    from numba import njit
+
+    from kernels.quant import f16_round, f32_to_f16_bits
+
+    @njit
+    def round_all(x, bits, values):
+        for i in range(x.shape[0]):
+            bits[i] = f32_to_f16_bits(x[i])
+            values[i] = f16_round(x[i])
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([
+        rng.standard_normal(20000) * 10.0 ** rng.integers(-9, 6, 20000),  # normals, subnormals, overflow
+        [0.0, -0.0, 65504.0, 65519.0, 65520.0, -1e9, np.inf, -np.inf, np.nan, 2.0**-24, 2.0**-25, 3 * 2.0**-26],
+        np.float32(1.0) + np.arange(8) * 2.0**-11,  # exact ties between neighbouring f16 values
+    ]).astype(np.float32)
+    bits, values = np.empty(x.size, np.uint16), np.empty(x.size, np.float32)
+    round_all(x, bits, values)
+    with np.errstate(over="ignore"):
+        expected = x.astype(np.float16)
+    np.testing.assert_array_equal(bits, expected.view(np.uint16))
+    np.testing.assert_array_equal(values, expected.astype(np.float32))
