@@ -6,9 +6,9 @@ in one call), SiLU / GELU gated products (GELU through ggml's f16 table, `gelu_f
 softmax and soft-capping. Every kernel writes into a caller-provided buffer so a decode step
 allocates nothing; buffers are float32 and C-contiguous.
 
-Matching llama.cpp numerically matters more than elegance here: sums of squares are accumulated
-in float64 (of float32 squares) as ggml does, the norm scale is applied before the weight, and rope angles are built
-by repeated float32 multiplication by theta_scale exactly like ggml_rope_cache_init.
+Matching llama.cpp numerically matters more than elegance here: float32 squares are summed in
+float64 as ggml does, the norm scale is applied before the weight, and rope angles are built by
+repeated float32 multiplication by theta_scale exactly like ggml_rope_cache_init.
 """
 from __future__ import annotations
 
