@@ -24,7 +24,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
-from kernels.quant import f16_round, f32_to_f16_bits
+from kernels.quant import f16_round, f16_row_to_f32, f32_to_f16_bits
 
 
 def load_row(src, dst):
@@ -37,14 +37,7 @@ def _load_row_overload(src, dst):
     if isinstance(src.dtype, types.Integer):
 
         def load_f16_bits(src, dst):
-            # Rebias the f16 exponent by shifting the bits into an f32's position and
-            # multiplying by 2^112: exact for normals and subnormals, no branches.
-            bits = dst.view(np.uint32)
-            for j in range(src.shape[0]):
-                h = np.uint32(src[j])
-                bits[j] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-            for j in range(src.shape[0]):
-                dst[j] = dst[j] * np.float32(5.192296858534828e33)  # 2^112
+            f16_row_to_f32(src, dst)
 
         return load_f16_bits
 

@@ -6,7 +6,8 @@ rounding (`f32_to_f16_bits`, `f16_round`), and `dequantize` / `dequantize_blocks
 raw row-major block bytes to f32.
 
 The kernels read the raw GGUF block bytes in place (no repacking): every block's f16 scales sit
-at even byte offsets, and are converted with a 65536-entry f32 table (numba has no CPU float16).
+at even byte offsets, and are converted with a 65536-entry f32 table (numba has no CPU float16);
+whole f16 rows (F16 weights, the f16 KV cache) convert by bit placement, which vectorizes.
 The per-type block decoders for the k-quants live in `quant_kquants.py`.
 """
 from __future__ import annotations
@@ -110,6 +111,22 @@ def f16_round(v):
 
 
 @njit(cache=True, inline="always")
+def f16_row_to_f32(src, dst):
+    # src (d,) uint16 f16 bit patterns -> dst (d,) f32. The bits move into an f32's place and 2^112
+    # rebiases the exponent (exact for normals and subnormals); inf / nan get an f32 all-ones
+    # exponent, which the multiply keeps. Two branch-free loops that vectorize (~4x the table).
+    bits = dst.view(np.uint32)
+    for j in range(src.shape[0]):
+        h = np.uint32(src[j])
+        sign_mantissa = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x3FF)) << np.uint32(13))
+        exponent = (h & np.uint32(0x7C00)) << np.uint32(13)
+        is_special = np.uint32(exponent == np.uint32(0x0F800000))  # f16 inf / nan: f32 exponent 0xFF
+        bits[j] = sign_mantissa | (exponent + is_special * np.uint32(0x70000000))
+    for j in range(src.shape[0]):
+        dst[j] = dst[j] * np.float32(5.192296858534828e33)  # 2^112
+
+
+@njit(cache=True, inline="always")
 def f16_at(u8, lut, o):
     # little-endian f16 at byte offset o -> f32
     return lut[np.int64(u8[o]) | (np.int64(u8[o + 1]) << 8)]
@@ -196,10 +213,8 @@ def deq_range(ggml_type, u8, lut, blk0, nblk, block_size, block_bytes, y, yo):
         for i in range(nblk):
             o = (blk0 + i) * 2
             bits[i] = (np.uint32(u8[o]) << np.uint32(16)) | (np.uint32(u8[o + 1]) << np.uint32(24))
-    elif ggml_type == 1:  # F16 through the lookup table
-        for i in range(nblk):
-            o = (blk0 + i) * 2
-            y[yo + i] = lut[np.int64(u8[o]) | (np.int64(u8[o + 1]) << 8)]
+    elif ggml_type == 1:  # F16: little-endian halves, converted by bit placement
+        f16_row_to_f32(u8[blk0 * 2:(blk0 + nblk) * 2].view(np.uint16), y[yo:yo + nblk])
     else:
         # dispatch once, then a tight loop over blocks (a per-block dispatch was 2x slower)
         n16 = (block_size >> 5) * 16 if block_size == 32 else block_size >> 4  # 16, opaque to LLVM

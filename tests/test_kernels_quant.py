@@ -93,3 +93,13 @@ def test_scalar_f16_rounding_matches_numpy_everywhere():
         expected = x.astype(np.float16)
     np.testing.assert_array_equal(bits, expected.view(np.uint16))
     np.testing.assert_array_equal(values, expected.astype(np.float32))
+
+
+def test_f16_decodes_every_bit_pattern_exactly():
+    # the bit-placement conversion (no table): normals, subnormals, signed zeros, inf and nan payloads
+    patterns = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    got = dequantize(patterns.view(np.uint8), 1, 65536)
+    expected = patterns.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32)[~np.isnan(expected)],
+                                  expected.view(np.uint32)[~np.isnan(expected)])
+    assert np.isnan(got[np.isnan(expected)]).all()
