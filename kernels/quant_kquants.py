@@ -54,7 +54,7 @@ def deq_q2_k(u8, lut, o, y, yo, n16):
                 ml = dmin * np.float32(sc >> 4)
                 base = yo + sub * 16
                 for l in range(n16):  # n16 == 16, a run-time bound (see quant.py)
-                    qv = (np.int32(u8[q + part * 16 + l]) >> shift) & 3
+                    qv = (np.int32(u8[U(q + part * 16 + l)]) >> shift) & 3
                     y[U(base + l)] = dl * np.float32(qv) - ml
                 sub += 1
 
@@ -71,8 +71,8 @@ def deq_q3_k(u8, lut, o, y, yo, n16):
                 dl = d * np.float32(scale_q3_k(u8, o + 96, sub))
                 base = yo + sub * 16
                 for l in range(n16):  # n16 == 16, a run-time bound (see quant.py)
-                    qv = (np.int32(u8[q + part * 16 + l]) >> shift) & 3
-                    hm = (np.int32(u8[o + part * 16 + l]) >> bit) & 1
+                    qv = (np.int32(u8[U(q + part * 16 + l)]) >> shift) & 3
+                    hm = (np.int32(u8[U(o + part * 16 + l)]) >> bit) & 1
                     y[U(base + l)] = dl * np.float32(qv - 4 * (1 - hm))
                 sub += 1
             bit += 1
