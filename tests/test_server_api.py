@@ -463,8 +463,10 @@ def test_built_engine_is_shut_down_with_the_app(monkeypatch):
         # --chat-template NAME overrides the model's template
         prompt = client.post("/apply-template", json={"messages": CHAT}).json()["prompt"]
     assert engine.started and engine.stopped
-    # the warm-up generation ran before the server reported ready
-    assert len(engine.requests) == 1 and engine.requests[0].params.max_tokens == 2
+    # the warm-up generations ran before the server reported ready: a short prompt for the decode
+    # kernels and one long enough for the engine's prefill path (>= 32 tokens)
+    assert [r.params.max_tokens for r in engine.requests] == [2, 2]
+    assert len(engine.requests[0].prompt_ids) < 32 <= len(engine.requests[1].prompt_ids) <= app_module.WARM_UP_PROMPT_TOKENS
     assert prompt == "<|start_header_id|>user<|end_header_id|>\n\nSay hello<|eot_id|>" \
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
