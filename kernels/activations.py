@@ -18,19 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-
-@njit(cache=True, inline="always")
-def _round_to_f16(v):
-    # v (finite, >= 0) rounded to the nearest float16 value (ties to even), returned as f32
-    if v < np.float32(6.103515625e-05):  # below f16's smallest normal: a multiple of 2^-24
-        return np.float32(np.rint(np.float64(v) * 16777216.0) / 16777216.0)
-    if v >= np.float32(65504.0):
-        return np.float32(np.inf) if v >= np.float32(65520.0) else np.float32(65504.0)
-    bits = np.empty(1, np.float32)
-    bits[0] = v
-    u = bits.view(np.uint32)
-    u[0] = (u[0] + np.uint32(0xFFF) + ((u[0] >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
-    return bits[0]
+from kernels.quant import f16_round
 
 
 @njit(cache=True)
@@ -60,7 +48,7 @@ def quantize_q8_0(xf, n, k, xq, xd):
             inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
             for i in range(32):
                 xq[o + i] = np.int16(np.rint(xf[o + i] * inv))
-            xd[j * nb + b] = _round_to_f16(d)
+            xd[j * nb + b] = f16_round(d)
 
 
 def q8_0_round_trip(x: np.ndarray) -> np.ndarray:

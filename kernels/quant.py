@@ -96,34 +96,30 @@ def f32_to_f16_bits(v):
     return np.uint16(h | sign)
 
 
+@njit(cache=True, inline="always")
+def f16_bits_to_f32(h):
+    # one f16 bit pattern (uint16) -> its f32 value. The bits move into an f32's place and 2^112
+    # rebiases the exponent (exact for normals and subnormals); inf / nan get an f32 all-ones
+    # exponent, which the multiply keeps. Branch-free, so a loop over it vectorizes (~4x the table).
+    h = np.uint32(h)
+    sign_mantissa = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x3FF)) << np.uint32(13))
+    exponent = (h & np.uint32(0x7C00)) << np.uint32(13)
+    is_special = np.uint32(exponent == np.uint32(0x0F800000))  # f16 inf / nan: f32 exponent 0xFF
+    bits = sign_mantissa | (exponent + is_special * np.uint32(0x70000000))
+    return _bits_f32(np.uint32(bits)) * np.float32(5.192296858534828e33)  # 2^112
+
+
 @njit(cache=True)
 def f16_round(v):
-    # v f32 -> v rounded to f16 (ties to even), as f32: what ggml's f32 -> f16 -> f32 round trip gives.
-    # The f16 bits move into an f32's place and 2^112 rebiases the exponent (exact, subnormals too).
-    h = np.uint32(f32_to_f16_bits(v))
-    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
-        # f16 inf / nan, which no exponent rebias reaches: the f32 inf / nan of the same sign and
-        # payload, built from bits (an inf constant or a nan test can be folded away in fastmath code)
-        return _bits_f32(np.uint32(((h & np.uint32(0x8000)) << np.uint32(16)) | np.uint32(0x7F800000)
-                                   | ((h & np.uint32(0x3FF)) << np.uint32(13))))
-    bits = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-    return _bits_f32(np.uint32(bits)) * np.float32(5.192296858534828e33)  # 2^112
+    # v f32 -> v rounded to f16 (ties to even), as f32: what ggml's f32 -> f16 -> f32 round trip gives
+    return f16_bits_to_f32(f32_to_f16_bits(v))
 
 
 @njit(cache=True, inline="always")
 def f16_row_to_f32(src, dst):
-    # src (d,) uint16 f16 bit patterns -> dst (d,) f32. The bits move into an f32's place and 2^112
-    # rebiases the exponent (exact for normals and subnormals); inf / nan get an f32 all-ones
-    # exponent, which the multiply keeps. Two branch-free loops that vectorize (~4x the table).
-    bits = dst.view(np.uint32)
+    # src (d,) uint16 f16 bit patterns -> dst (d,) f32 (see f16_bits_to_f32)
     for j in range(src.shape[0]):
-        h = np.uint32(src[j])
-        sign_mantissa = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x3FF)) << np.uint32(13))
-        exponent = (h & np.uint32(0x7C00)) << np.uint32(13)
-        is_special = np.uint32(exponent == np.uint32(0x0F800000))  # f16 inf / nan: f32 exponent 0xFF
-        bits[j] = sign_mantissa | (exponent + is_special * np.uint32(0x70000000))
-    for j in range(src.shape[0]):
-        dst[j] = dst[j] * np.float32(5.192296858534828e33)  # 2^112
+        dst[j] = f16_bits_to_f32(src[j])
 
 
 @njit(cache=True, inline="always")
