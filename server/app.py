@@ -149,12 +149,12 @@ async def warm_up(engine: Any) -> None:
     tokenizer = engine.tokenizer
     short = tokenizer.encode("Hello", add_special=True, parse_special=False)
     words = tokenizer.encode(" hello" * WARM_UP_PROMPT_TOKENS, add_special=False, parse_special=False)
-    n_ctx = int(getattr(engine.config, "n_ctx", 0) or 0)
-    room = WARM_UP_PROMPT_TOKENS if n_ctx <= 0 else max(0, min(WARM_UP_PROMPT_TOKENS, n_ctx - 4) - len(short))
+    n_ctx = int(getattr(engine.config, "n_ctx", 0) or 0)  # per slot; 0: the model's own
+    limit = WARM_UP_PROMPT_TOKENS if n_ctx <= 0 else min(WARM_UP_PROMPT_TOKENS, n_ctx - 4)  # room for 2 tokens
     params = engine_api.make_generation_params(
         engine_api.make_sampling_params(temperature=0.0), max_tokens=2, cache_prompt=False
     )
-    for prompt in (short, short + words[:room]):
+    for prompt in (short, (short + words)[:max(len(short), limit)]):
         async for _ in engine.generate(prompt, params):
             pass
 
