@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if have_llama_cpp:
             for label, settings in LLAMA_CPP_SETTINGS.items():
                 report(label, top10_diffs(llama_cpp_logits(path, cases, settings), cases))
-        if not have_llama_cpp:
+        else:
             print('  (llama.cpp rows skipped: pip install -e ".[fidelity]")')
     return 0
 
