@@ -5,7 +5,7 @@ Owns:
   int16, the width kernels/intdot.py's dots take) and one scale, with ggml's rule: d = max|x| /
   127, rounded to f16 as ggml stores it; q = round-half-even(x * 127 / max|x|).
 - `quantize_q8_k(xf, n, k, xq, xd, xbs)`: ggml's Q8_K (256-value blocks, f32 scale), the
-  activations of the k-quant kernels, plus the int sums of each 32 values (Q4_K minimums).
+  activations of the k-quant kernels, plus the int sums of each 16 values (ggml's bsums).
 - `q8_0_round_trip(x)`, `q8_k_round_trip(x)`: x rounded and back, for the dequantize + BLAS
   prefill path, so a prompt sees the same activations on either path.
 
@@ -64,7 +64,7 @@ def q8_0_round_trip(x: np.ndarray) -> np.ndarray:
 @njit(cache=True)
 def quantize_q8_k(xf, n, k, xq, xd, xbs):
     # x (n, k) f32 flat -> ggml's Q8_K: xq (n, k) int16 flat, xd (n, k/256) f32 scales and xbs
-    # (n, k/32) int32 sums of each 32 values (Q4_K's minimums). Per 256 values: max = the value
+    # (n, k/16) int32 sums of each 16 values (ggml's bsums: Q4_K's minimums, Q6_K's offset). Per 256 values: max = the value
     # of largest |x| (first on ties); q = min(127, round-half-even(x * -127 / max)); d = 1 / (-127 / max).
     nb = k // 256
     for j in range(n):
@@ -89,11 +89,11 @@ def quantize_q8_k(xf, n, k, xq, xd, xbs):
                 for i in range(256):
                     xq[o + i] = np.int16(min(np.float32(127.0), np.rint(iscale * xf[o + i])))
                 xd[j * nb + b] = np.float32(1.0) / iscale
-            for s in range(8):
+            for s in range(16):
                 total = np.int32(0)
-                for i in range(32):
-                    total += np.int32(xq[o + s * 32 + i])
-                xbs[j * (k // 32) + b * 8 + s] = total
+                for i in range(16):
+                    total += np.int32(xq[o + s * 16 + i])
+                xbs[j * (k // 16) + b * 16 + s] = total
 
 
 def q8_k_round_trip(x: np.ndarray) -> np.ndarray:
@@ -102,5 +102,5 @@ def q8_k_round_trip(x: np.ndarray) -> np.ndarray:
     n, k = x.shape
     xq = np.empty(n * k, np.int16)
     xd = np.empty(n * (k // 256), np.float32)
-    quantize_q8_k(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), n, k, xq, xd, np.empty(n * (k // 32), np.int32))
+    quantize_q8_k(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), n, k, xq, xd, np.empty(n * (k // 16), np.int32))
     return (xq.reshape(n, k // 256, 256) * xd.reshape(n, k // 256, 1)).reshape(n, k)

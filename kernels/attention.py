@@ -24,6 +24,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
+from kernels.lanes import fma, lane_dot, lane_sum, lane_sum8
 from kernels.quant import f16_round, f16_row_to_f32, f32_to_f16_bits
 
 
@@ -99,7 +100,7 @@ def attention(q, k_cache, v_cache, layer, slot_ids, positions, scale, window, ou
     _attention_parallel(*args, 4 * n_threads)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def _attention_parallel(q, k_cache, v_cache, layer, slot_ids, positions, scale, window, out, max_len, n_splits,
                         n_chunks):
     # the (row, kv head, head split) tasks cut into n_chunks contiguous ranges, one per iteration
@@ -110,20 +111,24 @@ def _attention_parallel(q, k_cache, v_cache, layer, slot_ids, positions, scale, 
                       c * n_tasks // n_chunks, (c + 1) * n_tasks // n_chunks)
 
 
-@njit(fastmath=True, cache=True)
+@njit(cache=True)
 def _attend_tasks(q, k_cache, v_cache, layer, slot_ids, positions, scale, window, out, max_len, n_splits,
                   task_begin, task_end):
     # tasks task_begin..task_end-1; task = (row * n_kv_heads + kv_head) * n_splits + split, where a
-    # split covers group / n_splits of the query heads sharing kv_head; max_len bounds any row's span
+    # split covers group / n_splits of the query heads sharing kv_head; max_len bounds any row's span.
+    # Every sum has the shape of llama.cpp's x86 attention without flash attention (module
+    # docstring), without fastmath: products in 8 fma lanes and lane_sum; exp sums per 8 cells.
     n, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[3]
     value_dim = v_cache.shape[4]
     group = n_heads // n_kv_heads // n_splits  # query heads per task
     scores = np.empty((group, max_len), np.float32)
-    query = np.empty((group, head_dim), np.float32)
-    key = np.empty(head_dim, np.float32)
+    padded_dim = (head_dim + 7) // 8 * 8  # zero-padded to whole 8-lane steps
+    query = np.zeros((group, padded_dim), np.float32)
+    key = np.zeros(padded_dim, np.float32)
     value = np.empty(value_dim, np.float32)
-    acc = np.empty((group, value_dim), np.float32)
+    lanes = np.empty(8, np.float32)
+    acc = np.empty((group, 8, value_dim), np.float32)  # P.V lanes: cell t goes to lane t % 8
     for task in range(task_begin, task_end):
         i = task // (n_kv_heads * n_splits)
         kv_head = (task // n_splits) % n_kv_heads
@@ -138,38 +143,42 @@ def _attend_tasks(q, k_cache, v_cache, layer, slot_ids, positions, scale, window
             for j in range(head_dim):
                 query[g, j] = round_to_cache(q[i, first_head + g, j], k_cache)
         for t in range(length):
-            load_row(k_cache[slot, layer, start + t, kv_head], key)
+            load_row(k_cache[slot, layer, start + t, kv_head], key[:head_dim])
             for g in range(group):
-                dot = np.float32(0.0)
-                for j in range(head_dim):
-                    dot += query[g, j] * key[j]
-                scores[g, t] = dot * scale
-        # softmax as ggml's soft_max: exp(s - max), summed in float64, scaled by f32(1 / sum); the
-        # probabilities then meet V in V's precision (llama.cpp's path without flash attention)
+                scores[g, t] = lane_dot(key, query[g], padded_dim // 8) * scale
+        # softmax as ggml's soft_max: exp(s - max); the sum adds each aligned run of 8 cells
+        # (lane_sum, f32) into a float64 total; scaled by f32(1 / total). The probabilities then
+        # meet V in V's precision.
         for g in range(group):
             mx = scores[g, 0]
             for t in range(1, length):
                 if scores[g, t] > mx:
                     mx = scores[g, t]
-            total = 0.0
             for t in range(length):
-                e = math.exp(scores[g, t] - mx)
-                scores[g, t] = e
-                total += e
+                scores[g, t] = math.exp(scores[g, t] - mx)
+            total = 0.0
+            for run in range(start // 8, pos // 8 + 1):
+                for u in range(8):
+                    t = 8 * run + u - start
+                    lanes[u] = scores[g, t] if 0 <= t < length else np.float32(0.0)
+                total += lane_sum(lanes, 0)
             inv = np.float32(1.0 / total)
             for t in range(length):
                 scores[g, t] = round_to_cache(scores[g, t] * inv, v_cache)
-        acc[:, :] = 0.0
+        acc[:, :, :] = 0.0
         for t in range(length):
             load_row(v_cache[slot, layer, start + t, kv_head], value)
+            u = (start + t) & 7
             for g in range(group):
                 w = scores[g, t]
+                lane = acc[g, u]
                 for j in range(value_dim):
-                    acc[g, j] += w * value[j]
+                    lane[np.uint64(j)] = fma(value[np.uint64(j)], w, lane[np.uint64(j)])
         for g in range(group):
             h = first_head + g
             for j in range(value_dim):
-                out[i, h, j] = acc[g, j]
+                out[i, h, j] = lane_sum8(acc[g, 0, j], acc[g, 1, j], acc[g, 2, j], acc[g, 3, j],
+                                         acc[g, 4, j], acc[g, 5, j], acc[g, 6, j], acc[g, 7, j])
 
 
 def store_row(src, dst):

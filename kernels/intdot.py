@@ -1,17 +1,19 @@
 """Integer dot products of quantized weight blocks with 8-bit activations, as LLVM intrinsics.
 
 Owns the numba intrinsics the matvec kernels call on raw weight bytes and int16 activations
-(kernels/activations.py quantizes x): `dot_row_q8_0` (a whole Q8_0 row, scaled per block,
-accumulated in 8-lane f32 vectors), and `q4_k_block_isum`, `q5_k_block_isum`, `q6_k_block_isum`
-(a whole k-quant super-block, its sub-block scales applied in the vector).
+(kernels/activations.py quantizes x): `dot_row_q8_0` and `dot_row_q6_k` / `dot_row_q6_k_tiled`
+(a whole row, scaled per block and accumulated in f32 in exactly the shape of llama.cpp's AVX2
+kernels, so the result is llama.cpp's bit for bit), and `q4_k_block_isum`,
+`q4_k_block_pair_isums`, `q5_k_block_isum` (one k-quant super-block's integer sum, its
+sub-block scales applied in the vector).
 
 Why: a block's weight x activation products are then exact integers, equal in any summation
-order, so every kernel variant gives a row the same bits (batch invariance); and on AVX2 a
-dot is `vpmaddwd`, 16 multiply-adds per instruction. LLVM does not find `vpmaddwd` by itself
-in numba code (it emits `vpmulld`), hence the explicit IR. Measured on a Q8_0 (4864, 896)
-matvec on 2 cores: 36-42 GMAC/s for 4-8 x rows against 24-25 GMAC/s with the f32 kernel; one x
-row stays memory-bound (~26 GB/s with prefetching). Without AVX2 the same IR uses generic
-vector ops, which LLVM lowers for whatever the CPU has.
+order, and on AVX2 a dot is `vpmaddwd`, 16 multiply-adds per instruction. LLVM does not find
+`vpmaddwd` by itself in numba code (it emits `vpmulld`), hence the explicit IR. Measured on a
+Q8_0 (4864, 896) matvec on 2 cores: 36-42 GMAC/s for 4-8 x rows against 24-25 GMAC/s with the
+f32 kernel; one x row stays memory-bound (~26 GB/s with prefetching). Without AVX2 the same IR
+uses generic vector ops, which LLVM lowers for whatever the CPU has (same integers, and
+llvm.fma rounds once everywhere, so the same bits).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from kernels.lanes import lane_sum_ir
 
 # Chosen once per process from the CPU numba compiles for; numba's cache is keyed by CPU too.
 HAS_AVX2 = bool(llvm_binding.get_host_cpu_features().get("avx2", False))
@@ -77,16 +81,6 @@ def _madd32(builder, values, x_ptr):
                        _madd16(builder, _half(builder, values, 1), x_hi))
 
 
-def _scaled_madd32(builder, values, x_ptr, scale_first, scale_second):
-    # <8 x i32>: vpmaddwd of 32 int16 values (a <32 x i16>) with the 32 activations at x_ptr, the
-    # lanes of the first 16 values times scale_first and of the last 16 times scale_second
-    x_lo, x_hi = _x_halves(builder, x_ptr)
-    v8i32 = ir.VectorType(I32, 8)
-    first = builder.mul(_madd16(builder, _half(builder, values, 0), x_lo), _splat(builder, scale_first, v8i32))
-    second = builder.mul(_madd16(builder, _half(builder, values, 1), x_hi), _splat(builder, scale_second, v8i32))
-    return builder.add(first, second)
-
-
 def _reduce_add(builder, vector):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I32, [vector.type]),
                                         f"llvm.vector.reduce.add.v{vector.type.count}i32")
@@ -98,18 +92,39 @@ def _bytes(builder, value):
     return _splat(builder, ir.Constant(I8, value), V32I8)
 
 
+def _quads(builder, pairs_lo, pairs_hi):
+    # <8 x i32> lane j = pairs[2j] + pairs[2j + 1] of the 16 pair sums (pairs_lo, pairs_hi):
+    # the sum of elements 4j..4j+3 of a 32-value block, ggml's maddubs + madd(1) lane layout
+    even = builder.shuffle_vector(pairs_lo, pairs_hi, ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2))))
+    odd = builder.shuffle_vector(pairs_lo, pairs_hi, ir.Constant(ir.VectorType(I32, 8), list(range(1, 16, 2))))
+    return builder.add(even, odd)
+
+
+def _block_quads(builder, values, x_ptr):
+    # <8 x i32>: lane j = sum of values[i] * x[i] over i = 4j..4j+3 of 32 int16 values (a
+    # <32 x i16>) and the 32 activations at x_ptr
+    x_lo, x_hi = _x_halves(builder, x_ptr)
+    return _quads(builder, _madd16(builder, _half(builder, values, 0), x_lo),
+                  _madd16(builder, _half(builder, values, 1), x_hi))
+
+
+def _fma8(builder, a, b, c):
+    # <8 x float> a * b + c, each lane rounded once (vfmadd231ps)
+    v8f32 = ir.VectorType(ir.FloatType(), 8)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f32, [v8f32] * 3), "llvm.fma.v8f32")
+    return builder.call(fn, [a, b, c])
+
+
 @intrinsic
 def dot_row_q8_0(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block):
     """f32 dot of one Q8_0 weight row (n_blocks blocks from byte w_offset of w) with one x row
     quantized to Q8_0 (values xq[32 * x_block:], scales xd[x_block:]; kernels read the f16
     block scales of w through lut).
 
-    Each block's 32 products are an exact vpmaddwd sum (8 lanes of pairs); they are scaled by
-    d_w * d_x and added into one of two 8-lane f32 accumulators (even / odd blocks; a last odd
-    block goes to the first), summed lane by lane in a fixed order at the end. Keeping the
-    running sums in vectors is what makes this fast: a horizontal sum per block costs more than
-    the block's multiply-adds. Fixed order, no fastmath: the same inputs give the same bits in
-    every caller."""
+    The exact shape of ggml's AVX2 Q8_0 / Q5_0 dot (ggml_vec_dot_q8_0_q8_0 and llamafile's
+    tinyBLAS_Q0_AVX, which agree): 8 f32 lanes, lane j taking the exact integer sum of elements
+    4j..4j+3 of each block times d_w * d_x with one fused multiply-add per block, then
+    lane_sum_ir. So each output equals llama.cpp's bit for bit, in every caller."""
     if not all(isinstance(a, types.Array) for a in (w, lut, xq, xd)):
         return None
     sig = types.float32(w, w_offset, n_blocks, lut, xq, xd, x_block)
@@ -121,42 +136,30 @@ def dot_row_q8_0(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block):
         lut = context.make_array(signature.args[3])(context, builder, lut_arg).data
         x_row = _pointer(context, builder, signature.args[4], xq_arg, builder.mul(x_block, ir.Constant(x_block.type, 32)))
         d_row = _pointer(context, builder, signature.args[5], xd_arg, x_block)
-        accumulators = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(2)]
+        accumulator = cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8))
         n_blocks = builder.sext(n_blocks, I64) if n_blocks.type.width < 64 else n_blocks
-
-        def add_block(b, accumulator):
-            # accumulator += d_w * d_x * (8 lanes of pairwise products of block b)
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
             block = builder.gep(w_row, [builder.mul(b, ir.Constant(I64, 34))])
             d_bits = builder.load(builder.bitcast(block, I16.as_pointer()), align=1)
             d_w = builder.load(builder.gep(lut, [builder.zext(d_bits, I64)]))
             scale = builder.fmul(d_w, builder.load(builder.gep(d_row, [b])))
             weights = builder.sext(_load(builder, block, ir.Constant(I64, 2), V32I8, 1), V32I16)
-            pairs = _madd32(builder, weights, builder.gep(x_row, [builder.mul(b, ir.Constant(I64, 32))]))
-            term = builder.fmul(builder.sitofp(pairs, v8f32), _splat(builder, scale, v8f32))
-            builder.store(builder.fadd(builder.load(accumulator), term), accumulator)
-
-        # even blocks into one accumulator and odd ones into the other: two independent add chains
-        with cgutils.for_range(builder, builder.udiv(n_blocks, ir.Constant(I64, 2))) as loop:
-            first = builder.mul(loop.index, ir.Constant(I64, 2))
-            add_block(first, accumulators[0])
-            add_block(builder.add(first, ir.Constant(I64, 1)), accumulators[1])
-        is_odd = builder.trunc(n_blocks, ir.IntType(1))
-        with builder.if_then(is_odd):
-            add_block(builder.sub(n_blocks, ir.Constant(I64, 1)), accumulators[0])
-        total = builder.fadd(builder.load(accumulators[0]), builder.load(accumulators[1]))
-        result = builder.extract_element(total, ir.Constant(I32, 0))
-        for lane in range(1, 8):
-            result = builder.fadd(result, builder.extract_element(total, ir.Constant(I32, lane)))
-        return result
+            quads = _block_quads(builder, weights, builder.gep(x_row, [builder.mul(b, ir.Constant(I64, 32))]))
+            builder.store(_fma8(builder, _splat(builder, scale, v8f32), builder.sitofp(quads, v8f32),
+                                builder.load(accumulator)), accumulator)
+        return lane_sum_ir(builder, builder.load(accumulator))
 
     return sig, codegen
 
 
-def _q4_q5_k_codegen(has_fifth_bits):
-    # codegen for q4_k_block_isum / q5_k_block_isum (see their docstrings)
+def _q4_q5_k_codegen(has_fifth_bits, pair_sums=False):
+    # codegen for q4_k_block_isum / q5_k_block_isum (see their docstrings); with pair_sums, that
+    # of q4_k_block_pair_isums: the sums of sub-blocks (2g, 2g + 1) stored to args[5][g]
     qs_offset = 48 if has_fifth_bits else 16
 
     def codegen(context, builder, signature, args):
+        pairs = context.make_array(signature.args[5])(context, builder, args[5]).data if pair_sums else None
         block = _pointer(context, builder, signature.args[0], args[0], args[1])
         scale_ptr = context.make_array(signature.args[2])(context, builder, args[2]).data
         x_ptr = _pointer(context, builder, signature.args[3], args[3], args[4])
@@ -176,6 +179,11 @@ def _q4_q5_k_codegen(has_fifth_bits):
                 scaled = builder.mul(builder.zext(values, V32I16), _splat(builder, scale[s], V32I16))
                 part = _madd32(builder, scaled, builder.gep(x_ptr, [ir.Constant(I64, 32 * s)]))
                 total = part if total is None else builder.add(total, part)
+            if pair_sums:
+                builder.store(_reduce_add(builder, total), builder.gep(pairs, [ir.Constant(I64, g)]))
+                total = None
+        if pair_sums:
+            return context.get_dummy_value()
         return _reduce_add(builder, total)
 
     return codegen
@@ -193,6 +201,15 @@ def q4_k_block_isum(typingctx, w, block_offset, scales, xq, x_offset):
 
 
 @intrinsic
+def q4_k_block_pair_isums(typingctx, w, block_offset, scales, xq, x_offset, pairs):
+    """q4_k_block_isum cut in four: pairs[g] (int32 (4,)) <- the scaled sums of sub-blocks 2g and
+    2g + 1 (values 64g..64g+63). ggml's 4-row Q4_K gemm adds a super-block in these four parts."""
+    if not all(isinstance(a, types.Array) for a in (w, scales, xq, pairs)):
+        return None
+    return types.none(w, block_offset, scales, xq, x_offset, pairs), _q4_q5_k_codegen(False, pair_sums=True)
+
+
+@intrinsic
 def q5_k_block_isum(typingctx, w, block_offset, scales, xq, x_offset):
     """q4_k_block_isum for a Q5_K super-block: qh[32] at +16 adds the fifth bit of value 32s + l
     as bit s of qh[l], and the nibbles sit at +48."""
@@ -201,36 +218,91 @@ def q5_k_block_isum(typingctx, w, block_offset, scales, xq, x_offset):
     return types.int32(w, block_offset, scales, xq, x_offset), _q4_q5_k_codegen(True)
 
 
-@intrinsic
-def q6_k_block_isum(typingctx, w, block_offset, xq, x_offset):
-    """int32 sum_{i<256} sc_{i // 16} * (q_i - 32) * xq[x_offset + i] for the Q6_K super-block at
-    w[block_offset] (ql[128], qh[64], int8 scales[16], f16 d). In a 128-value half, value
-    l + 32g (g = 0..3) has its low 4 bits in ql[l + 32 * (g & 1)] (low nibble for g < 2, high for
-    g >= 2) and its top 2 bits at bit 2g of qh[l]. The 16 scaled sums stay in one vector until the end."""
-    if not (isinstance(w, types.Array) and isinstance(xq, types.Array)):
-        return None
-    sig = types.int32(w, block_offset, xq, x_offset)
-
+def _q6_k_row_codegen(tiled):
+    # codegen for dot_row_q6_k (tiled=False) and dot_row_q6_k_tiled (see their docstrings)
     def codegen(context, builder, signature, args):
-        block = _pointer(context, builder, signature.args[0], args[0], args[1])
-        x_ptr = _pointer(context, builder, signature.args[2], args[2], args[3])
+        w_arg, w_offset, n_blocks, lut_arg, xq_arg, xd_arg, x_block, bs_arg = args
+        f32, v8f32, v8i32, v16i32 = ir.FloatType(), ir.VectorType(ir.FloatType(), 8), ir.VectorType(I32, 8), ir.VectorType(I32, 16)
+        w_row = _pointer(context, builder, signature.args[0], w_arg, w_offset)
+        lut = context.make_array(signature.args[3])(context, builder, lut_arg).data
+        x_row = _pointer(context, builder, signature.args[4], xq_arg, builder.mul(x_block, ir.Constant(x_block.type, 256)))
+        d_row = _pointer(context, builder, signature.args[5], xd_arg, x_block)
+        bs_row = _pointer(context, builder, signature.args[7], bs_arg, builder.mul(x_block, ir.Constant(x_block.type, 16)))
+        zero = ir.Constant(f32, 0.0) if tiled else ir.Constant(v8f32, [0.0] * 8)
+        accumulator = cgutils.alloca_once_value(builder, zero)
+        n_blocks = builder.sext(n_blocks, I64) if n_blocks.type.width < 64 else n_blocks
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
+            block = builder.gep(w_row, [builder.mul(b, ir.Constant(I64, 210))])
+            x_ptr = builder.gep(x_row, [builder.mul(b, ir.Constant(I64, 256))])
+            scales = builder.sext(_load(builder, block, ir.Constant(I64, 192), ir.VectorType(I8, 16), 1), v16i32)
+            lanes = None
+            for half in range(2):
+                qh = _load(builder, block, ir.Constant(I64, 128 + 32 * half), V32I8, 1)
+                for g in range(4):
+                    ql = _load(builder, block, ir.Constant(I64, 64 * half + 32 * (g & 1)), V32I8, 1)
+                    low = builder.and_(builder.lshr(ql, _bytes(builder, 4 * (g >> 1))), _bytes(builder, 15))
+                    high = builder.and_(builder.lshr(qh, _bytes(builder, 2 * g)), _bytes(builder, 3))
+                    q = builder.or_(low, builder.shl(high, _bytes(builder, 4)))  # [0, 63]
+                    chunk = 4 * half + g  # values 32 chunk + i; scales 2 chunk (i < 16), 2 chunk + 1
+                    quads = _block_quads(builder, builder.zext(q, V32I16), builder.gep(x_ptr, [ir.Constant(I64, 32 * chunk)]))
+                    scale = builder.shuffle_vector(scales, scales, ir.Constant(v8i32, [2 * chunk] * 4 + [2 * chunk + 1] * 4))
+                    part = builder.mul(quads, scale)
+                    lanes = part if lanes is None else builder.add(lanes, part)
+            # the -32 offset of the values: 32 * sc * (sum of 16 x) per 16-value group, lane j
+            # taking groups 2j and 2j + 1
+            sums = _load(builder, builder.gep(bs_row, [builder.mul(b, ir.Constant(I64, 16))]), None, v16i32, 4)
+            weighted = builder.mul(sums, scales)
+            even = builder.shuffle_vector(weighted, weighted, ir.Constant(v8i32, list(range(0, 16, 2))))
+            odd = builder.shuffle_vector(weighted, weighted, ir.Constant(v8i32, list(range(1, 16, 2))))
+            lanes = builder.sub(lanes, builder.shl(builder.add(even, odd), _splat(builder, ir.Constant(I32, 5), v8i32)))
+            d_bits = builder.load(builder.bitcast(builder.gep(block, [ir.Constant(I64, 208)]), I16.as_pointer()), align=1)
+            d_w = builder.load(builder.gep(lut, [builder.zext(d_bits, I64)]))
+            d_x = builder.load(builder.gep(d_row, [b]))
+            if tiled:
+                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+                scaled = builder.fmul(d_w, builder.sitofp(_reduce_add(builder, lanes), f32))
+                builder.store(builder.call(fma, [scaled, d_x, builder.load(accumulator)]), accumulator)
+            else:
+                builder.store(_fma8(builder, _splat(builder, builder.fmul(d_x, d_w), v8f32), builder.sitofp(lanes, v8f32),
+                                    builder.load(accumulator)), accumulator)
+        if tiled:
+            return builder.load(accumulator)
+        return lane_sum_ir(builder, builder.load(accumulator))
 
-        def scale(index):  # int8 scale byte at 192 + index, as int32
-            return builder.sext(builder.load(builder.gep(block, [ir.Constant(I64, 192 + index)])), I32)
+    return codegen
 
-        total = None
-        for half in range(2):
-            qh = _load(builder, block, ir.Constant(I64, 128 + 32 * half), V32I8, 1)
-            for g in range(4):
-                ql = _load(builder, block, ir.Constant(I64, 64 * half + 32 * (g & 1)), V32I8, 1)
-                low = builder.and_(builder.lshr(ql, _bytes(builder, 4 * (g >> 1))), _bytes(builder, 15))
-                high = builder.and_(builder.lshr(qh, _bytes(builder, 2 * g)), _bytes(builder, 3))
-                q = builder.sub(builder.or_(low, builder.shl(high, _bytes(builder, 4))), _bytes(builder, 32))  # [-32, 31]
-                first = 8 * half + 2 * g  # scale index of values l < 16; l >= 16 take the next one
-                part = _scaled_madd32(builder, builder.sext(q, V32I16),
-                                      builder.gep(x_ptr, [ir.Constant(I64, 128 * half + 32 * g)]),
-                                      scale(first), scale(first + 1))
-                total = part if total is None else builder.add(total, part)
-        return _reduce_add(builder, total)
 
-    return sig, codegen
+def _q6_k_row_signature(w, w_offset, n_blocks, lut, xq, xd, x_block, bsums):
+    if not all(isinstance(a, types.Array) for a in (w, lut, xq, xd, bsums)):
+        return None
+    return types.float32(w, w_offset, n_blocks, lut, xq, xd, x_block, bsums)
+
+
+@intrinsic
+def dot_row_q6_k(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block, bsums):
+    """f32 dot of one Q6_K weight row (n_blocks super-blocks from byte w_offset of w) with one x
+    row quantized to Q8_K (values xq[256 * x_block:], scales xd[x_block:], int32 sums of each
+    16 values bsums[16 * x_block:]).
+
+    A super-block is ql[128], qh[64], int8 scales[16], f16 d. In a 128-value half, value l + 32g
+    (g = 0..3) has its low 4 bits in ql[l + 32 * (g & 1)] (low nibble for g < 2, high for g >= 2)
+    and its top 2 bits at bit 2g of qh[l]; the weight is d * sc[i // 16] * (q_i - 32).
+
+    The exact shape of ggml's AVX2 ggml_vec_dot_q6_K_q8_K (llama.cpp's path for batches of
+    under 8 rows): per super-block 8 int32 lanes, lane j holding sc * q * x over elements
+    4j..4j+3 of each 32-value chunk with q unsigned (0..63), minus 32 * (sc * bsum) of 16-value
+    groups 2j and 2j + 1; then one fused multiply-add of the lanes by d_x * d_w into 8 f32
+    lanes, and lane_sum_ir at the end. Integer parts are exact, so the output equals
+    llama.cpp's bit for bit."""
+    sig = _q6_k_row_signature(w, w_offset, n_blocks, lut, xq, xd, x_block, bsums)
+    return (sig, _q6_k_row_codegen(False)) if sig is not None else None
+
+
+@intrinsic
+def dot_row_q6_k_tiled(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block, bsums):
+    """dot_row_q6_k in the shape of ggml's tiled k-quant matmul (its path for batches of 8 rows
+    or more): one f32 sum, adding f32(d_w * isum) * d_x per super-block with a fused
+    multiply-add, isum being the super-block's exact integer dot."""
+    sig = _q6_k_row_signature(w, w_offset, n_blocks, lut, xq, xd, x_block, bsums)
+    return (sig, _q6_k_row_codegen(True)) if sig is not None else None

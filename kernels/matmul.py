@@ -9,8 +9,11 @@ Two paths, chosen per row of x (default: by the number of rows n; the model pass
 - fused (decode, batched decode, short chunks): one parallel region (OpenMP, see threads.py)
   over row chunks of every matrix in the call; each chunk runs a per-type kernel that streams
   the quantized blocks from memory once, prefetching ahead, and dots them with ALL n rows of x
-  while they sit in L1. Bitwise batch invariant: a row of the result does not depend on n or
-  on the other rows of x (see matmul_rows.py; tested for every type).
+  while they sit in L1. Q8_0 / Q5_0, Q4_K and Q6_K add their integer block sums in f32 in the
+  exact shape of llama.cpp's AVX2 build, which for Q4_K and Q6_K depends on the batch that
+  llama.cpp would see (`row_shapes`, see row_shapes_by_group and matmul_krows.py). Bitwise
+  batch invariant: a row of the result depends only on its x row and its shape flags, never
+  on n or the other rows of x (tested for every type).
 - BLAS (prefill chunks of >= BLAS_MIN_ROWS rows): W is decoded to f32 a tile of rows at a time
   (serial numba, ~1-4 G values/s) and multiplied with numpy's BLAS sgemm. Faster for many
   rows, but sums in another order, so results differ in the last bits from the fused path.
@@ -27,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels.activations import q8_0_round_trip, q8_k_round_trip, quantize_q8_0, quantize_q8_k
-from kernels.matmul_krows import rows_q4_k, rows_q5_k, rows_q6_k
+from kernels.matmul_krows import QUAD, TILED, rows_q4_k, rows_q5_k, rows_q6_k
 from kernels.matmul_rows import rows_generic, rows_q5_0, rows_q5_0_x2, rows_q8_0
 from kernels.quant import (Q4_K, Q5_K, Q6_K, Q8_0, TYPE_NAMES, as_bytes, block_layout, deq_range, deq_rows_parallel,
                            f16_table)
@@ -78,7 +81,7 @@ class QuantMatrix:
 
 
 @njit(cache=True)
-def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xqk, xdk, xbs, n, out, r0, r1, tmp):
+def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xqk, xdk, xbs, shapes, n, out, r0, r1, tmp):
     # out (n, m) flat, rows [r0, r1) of W (m, k) <- x (n, k) flat
     # Q5_0: n == 1 takes the single-x kernel (fastest decode), n >= 2 the two-x kernel, which
     # decodes each block once for two x rows and computes the same bits per row (checked by
@@ -91,17 +94,17 @@ def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xqk, xd
         else:
             rows_q5_0_x2(u8, lut, m, k, xf, n, out, r0, r1)
     elif ggml_type == 12:
-        rows_q4_k(u8, lut, m, k, xqk, xdk, xbs, n, out, r0, r1)
+        rows_q4_k(u8, lut, m, k, xqk, xdk, xbs, shapes, n, out, r0, r1)
     elif ggml_type == 13:
         rows_q5_k(u8, lut, m, k, xqk, xdk, xbs, n, out, r0, r1)
     elif ggml_type == 14:
-        rows_q6_k(u8, lut, m, k, xqk, xdk, xbs, n, out, r0, r1)
+        rows_q6_k(u8, lut, m, k, xqk, xdk, xbs, shapes, n, out, r0, r1)
     else:
         rows_generic(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, n, out, r0, r1, tmp)
 
 
 @njit(cache=True, parallel=True)
-def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, xq, xd, xqk, xdk, xbs, n):
+def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, xq, xd, xqk, xdk, xbs, shapes, n):
     # tasks (T, 3) = (slot, r0, r1); meta (3, 4) = (ggml_type, block_size, block_bytes, m) per slot
     for t in prange(tasks.shape[0]):
         s = tasks[t, 0]
@@ -109,13 +112,13 @@ def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, xq, xd, xqk, xdk
         fused = ty == 8 or ty == 6 or ty == 12 or ty == 13 or ty == 14
         tmp = np.empty(0 if fused else 4 * k, np.float32)  # decode scratch for rows_generic
         if s == 0:
-            _rows(meta[0, 0], meta[0, 1], meta[0, 2], u0, lut, meta[0, 3], k, xf, xq, xd, xqk, xdk, xbs, n, o0,
+            _rows(meta[0, 0], meta[0, 1], meta[0, 2], u0, lut, meta[0, 3], k, xf, xq, xd, xqk, xdk, xbs, shapes, n, o0,
                   tasks[t, 1], tasks[t, 2], tmp)
         elif s == 1:
-            _rows(meta[1, 0], meta[1, 1], meta[1, 2], u1, lut, meta[1, 3], k, xf, xq, xd, xqk, xdk, xbs, n, o1,
+            _rows(meta[1, 0], meta[1, 1], meta[1, 2], u1, lut, meta[1, 3], k, xf, xq, xd, xqk, xdk, xbs, shapes, n, o1,
                   tasks[t, 1], tasks[t, 2], tmp)
         else:
-            _rows(meta[2, 0], meta[2, 1], meta[2, 2], u2, lut, meta[2, 3], k, xf, xq, xd, xqk, xdk, xbs, n, o2,
+            _rows(meta[2, 0], meta[2, 1], meta[2, 2], u2, lut, meta[2, 3], k, xf, xq, xd, xqk, xdk, xbs, shapes, n, o2,
                   tasks[t, 1], tasks[t, 2], tmp)
 
 
@@ -145,7 +148,7 @@ def _plan(ws: list[QuantMatrix]) -> tuple[np.ndarray, np.ndarray, bool, bool]:
     return plan
 
 
-def _fused(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None:
+def _fused(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray], shapes: np.ndarray) -> None:
     # x (n, k) @ W_i (m_i, k)^T -> out_i (n, m_i), up to 3 matrices in one parallel region
     n, k = x.shape
     xf = np.ascontiguousarray(x).reshape(-1)
@@ -157,14 +160,14 @@ def _fused(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None
         xq, xd = np.empty(n * k, np.int16), np.empty(n * (k // 32), np.float32)
         quantize_q8_0(xf, n, k, xq, xd)
     xqk, xdk, xbs = np.empty(0, np.int16), np.empty(0, np.float32), np.empty(0, np.int32)
-    if needs_q8_k:  # (n, k) int16 values, (n, k/256) scales, (n, k/32) int sums
-        xqk, xdk, xbs = np.empty(n * k, np.int16), np.empty(n * (k // 256), np.float32), np.empty(n * (k // 32), np.int32)
+    if needs_q8_k:  # (n, k) int16 values, (n, k/256) scales, (n, k/16) int sums
+        xqk, xdk, xbs = np.empty(n * k, np.int16), np.empty(n * (k // 256), np.float32), np.empty(n * (k // 16), np.int32)
         quantize_q8_k(xf, n, k, xqk, xdk, xbs)
     us = [w.data for w in ws]
     while len(us) < 3:  # unused slots get any valid array of the same numba type
         us.append(us[0])
         flats.append(flats[0])
-    _run_tasks(tasks, meta, us[0], us[1], us[2], flats[0], flats[1], flats[2], f16_table(), k, xf, xq, xd, xqk, xdk, xbs, n)
+    _run_tasks(tasks, meta, us[0], us[1], us[2], flats[0], flats[1], flats[2], f16_table(), k, xf, xq, xd, xqk, xdk, xbs, shapes, n)
     for o, f in zip(outs, flats):
         if not o.flags.c_contiguous:
             o[...] = f.reshape(o.shape)
@@ -204,15 +207,51 @@ def blas_rows_by_group(groups: np.ndarray) -> np.ndarray:
     return counts[inverse] >= BLAS_MIN_ROWS
 
 
-def matmul(x: np.ndarray, w: QuantMatrix, out: np.ndarray, blas_rows: np.ndarray | None = None) -> None:
+def row_shapes_by_group(groups: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+    """(n,) int8: for each row, the batch shape llama.cpp would sum it in (kernels/matmul_krows.py)
+    if its group (slot) were one batch of c rows: QUAD for the first c - c % 4 (Q4_K's 4-row
+    gemm), TILED for all when c >= 8 (the tiled k-quant matmul). With `positions`, a group is
+    shaped as the batch of its whole sequence so far, positions 0..max: row p of a group ending
+    at position e is QUAD when p < c - c % 4 and TILED when c >= 8, with c = e + 1. A prompt fed
+    at once gets llama.cpp's shapes, and a chunk fed later (a prompt-cache hit re-evaluating the
+    last prompt token) the very bits it had then. Either way a row's shape depends only on its
+    own group, like blas_rows_by_group: batch invariance."""
+    groups = np.asarray(groups).reshape(-1)
+    shapes = np.zeros(groups.size, np.int8)
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        if positions is None:
+            index, count = np.arange(rows.size), rows.size
+        else:
+            index = np.asarray(positions).reshape(-1)[rows]
+            count = int(index.max()) + 1
+        shapes[rows[index < count - count % 4]] |= QUAD
+        if count >= 8:
+            shapes[rows] |= TILED
+    return shapes
+
+
+def _row_shapes(n: int, row_shapes: np.ndarray | None) -> np.ndarray:
+    if row_shapes is None:  # one batch: llama.cpp's rule over all n rows
+        return row_shapes_by_group(np.zeros(n, np.int8))
+    shapes = np.ascontiguousarray(row_shapes, np.int8).reshape(-1)
+    if shapes.shape != (n,):
+        raise ValueError(f"row_shapes must be a ({n},) int8 array, got shape {shapes.shape}")
+    return shapes
+
+
+def matmul(x: np.ndarray, w: QuantMatrix, out: np.ndarray, blas_rows: np.ndarray | None = None,
+           row_shapes: np.ndarray | None = None) -> None:
     """out (n, m) = x (n, k) @ W (m, k)^T, f32. blas_rows (n,) bool picks the rows that take the
-    dequantize + BLAS path (default: all rows when n >= BLAS_MIN_ROWS, else none)."""
+    dequantize + BLAS path (default: all rows when n >= BLAS_MIN_ROWS, else none); row_shapes
+    (n,) int8 the summation shape of each fused-path row (default: llama.cpp's for one batch
+    of n rows; see row_shapes_by_group)."""
     _check(x, w, out)
-    matmul_multi(x, [w], [out], blas_rows)
+    matmul_multi(x, [w], [out], blas_rows, row_shapes)
 
 
 def matmul_multi(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray],
-                 blas_rows: np.ndarray | None = None) -> None:
+                 blas_rows: np.ndarray | None = None, row_shapes: np.ndarray | None = None) -> None:
     """out_i = x @ W_i^T for several matrices sharing x (QKV, gate/up) in one parallel region."""
     if len(ws) != len(outs):
         raise ValueError(f"{len(ws)} matrices but {len(outs)} outputs")
@@ -226,16 +265,20 @@ def matmul_multi(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray],
         if blas_rows.shape != (n,):
             raise ValueError(f"blas_rows must be a ({n},) bool mask, got shape {blas_rows.shape}")
         n_blas = int(np.count_nonzero(blas_rows))
+    shapes = _row_shapes(n, row_shapes)
     if n == 0:
         return
     if n_blas == n:
         _blas_all(x, ws, outs)
     elif n_blas == 0:
-        _fused_all(x, ws, outs)
+        _fused_all(x, ws, outs, shapes)
     else:  # a mixed batch: each part on its own path, results scattered back
-        for rows, path in ((np.flatnonzero(blas_rows), _blas_all), (np.flatnonzero(~blas_rows), _fused_all)):
+        for rows, on_blas in ((np.flatnonzero(blas_rows), True), (np.flatnonzero(~blas_rows), False)):
             part = [np.empty((rows.size, w.m), np.float32) for w in ws]
-            path(np.ascontiguousarray(x[rows]), ws, part)
+            if on_blas:
+                _blas_all(np.ascontiguousarray(x[rows]), ws, part)
+            else:
+                _fused_all(np.ascontiguousarray(x[rows]), ws, part, shapes[rows])
             for o, p in zip(outs, part):
                 o[rows] = p
 
@@ -257,9 +300,9 @@ def _blas_all(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> N
         _blas(rounded[kind], w, o)
 
 
-def _fused_all(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> None:
+def _fused_all(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray], shapes: np.ndarray) -> None:
     for i in range(0, len(ws), 3):
-        _fused(x, list(ws[i:i + 3]), list(outs[i:i + 3]))
+        _fused(x, list(ws[i:i + 3]), list(outs[i:i + 3]), shapes)
 
 
 @njit(cache=True)

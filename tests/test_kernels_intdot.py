@@ -1,12 +1,13 @@
 """kernels.activations (ggml's Q8_0 / Q8_K activation rounding) and kernels.intdot (the integer
-dot intrinsics), each against a numpy oracle."""
+dot intrinsics), each against a numpy oracle. The row dots are checked bit for bit against
+numpy transcriptions of the summation shapes of ggml's AVX2 kernels (`fma32`, `lane_sum8`)."""
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
 from kernels.activations import quantize_q8_0, quantize_q8_k
-from kernels.intdot import dot_row_q8_0, q4_k_block_isum, q5_k_block_isum, q6_k_block_isum
+from kernels.intdot import dot_row_q6_k, dot_row_q6_k_tiled, dot_row_q8_0, q4_k_block_isum, q5_k_block_isum
 
 
 def ggml_quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -31,6 +32,50 @@ def ggml_quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         d = np.where(iscale != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
     q = np.minimum(127, np.rint(iscale[..., None] * blocks))
     return q.reshape(n, k), d
+
+
+def fma32(a, b, c):
+    """f32 a * b + c rounded once: the f64 product of two f32 values is exact, so only the
+    final rounding to f32 remains (a double rounding differs from fma in ~2^-29 of cases)."""
+    return (np.float64(a) * np.float64(b) + np.float64(c)).astype(np.float32)
+
+
+def lane_sum8(lanes: np.ndarray) -> np.float32:
+    """ggml's hsum_float_8 of 8 f32 lanes: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
+    lanes = lanes.astype(np.float32)
+    half = lanes[:4] + lanes[4:]
+    return np.float32((half[0] + half[2]) + (half[1] + half[3]))
+
+
+def ggml_q8_0_row_dot(values, w_scales, xq, xd) -> np.float32:
+    """ggml's AVX2 Q8_0 dot of one row: values/xq (nb, 32) ints, scales (nb,) f32. Lane j of
+    block b is the integer sum of elements 4j..4j+3; acc = fma(d_w * d_x, lane, acc)."""
+    lanes = (values.astype(np.int64) * xq).reshape(-1, 8, 4).sum(axis=2).astype(np.float32)
+    acc = np.zeros(8, np.float32)
+    for b in range(lanes.shape[0]):
+        acc = fma32(np.float32(w_scales[b]) * np.float32(xd[b]), lanes[b], acc)
+    return lane_sum8(acc)
+
+
+def ggml_q6_k_row_dot(blocks, xq, xd, tiled: bool) -> np.float32:
+    """ggml's Q6_K dot of one row of Q6_K super-blocks (nb, 210) uint8 with Q8_K values xq
+    (nb, 256) and scales xd (nb,): ggml_vec_dot_q6_K_q8_K's 8-lane shape, or (tiled) the tiled
+    matmul's one f32 sum of fma(d_w * isum, d_x, acc)."""
+    acc = np.float32(0.0) if tiled else np.zeros(8, np.float32)
+    for b, block in enumerate(blocks):
+        q = q6_k_values(block) + 32  # unsigned, 0..63
+        sc = block[192:208].view(np.int8).astype(np.int64)
+        x = xq[b].astype(np.int64)
+        quads = (q * x).reshape(8, 8, 4).sum(axis=2)  # (chunk, lane)
+        lane_scales = np.stack([np.repeat([sc[2 * c], sc[2 * c + 1]], 4) for c in range(8)])
+        bsums = x.reshape(16, 16).sum(axis=1)
+        lanes = (quads * lane_scales).sum(axis=0) - 32 * (bsums * sc).reshape(8, 2).sum(axis=1)
+        d_w = np.float32(block[208:210].view(np.float16)[0])
+        if tiled:
+            acc = fma32(np.float32(d_w * np.float32(lanes.sum())), xd[b], acc)
+        else:
+            acc = fma32(np.float32(xd[b]) * d_w, lanes.astype(np.float32), acc)
+    return np.float32(acc) if tiled else lane_sum8(acc)
 
 
 def run_quantize(x):
@@ -83,28 +128,42 @@ def test_q8_0_block_dot_is_exact_at_the_extremes():
     assert _row_dot(w, 1, f16_table(), xq, np.ones(1, np.float32)) == 32 * 128 * 127
 
 
-def test_quantize_q8_k_matches_ggml_and_sums_each_32():
+def test_quantize_q8_k_matches_ggml_and_sums_each_16():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 768)).astype(np.float32) * np.float32(7.0)
     x[0, :256] = 0.0  # an all-zero block
     x[1, 300] = -50.0  # a negative extreme: iscale = -127 / -50 > 0, that value -> -127
     x[2, 10] = 60.0  # a positive extreme: the scale is negative and that value -> -127
     n, k = x.shape
-    xq, xd, xbs = np.empty(n * k, np.int16), np.empty(n * k // 256, np.float32), np.empty(n * k // 32, np.int32)
+    xq, xd, xbs = np.empty(n * k, np.int16), np.empty(n * k // 256, np.float32), np.empty(n * k // 16, np.int32)
     quantize_q8_k(x.reshape(-1), n, k, xq, xd, xbs)
     expected_q, expected_d = ggml_quantize_q8_k(x)
     np.testing.assert_array_equal(xq.reshape(n, k), expected_q)
     np.testing.assert_array_equal(xd.reshape(n, -1), expected_d)
-    np.testing.assert_array_equal(xbs.reshape(n, -1), expected_q.reshape(n, -1, 32).sum(axis=2))
+    np.testing.assert_array_equal(xbs.reshape(n, -1), expected_q.reshape(n, -1, 16).sum(axis=2))
     q2, d2 = xq.reshape(n, k), xd.reshape(n, -1)
     assert q2[1, 300] == -127 and d2[1, 1] > 0 and q2[2, 10] == -127 and d2[2, 0] < 0 and d2[0, 0] == 0
 
 
 @njit(cache=False)
 def _block_isums(q4, q5, scales, q6, xq, out):
+    # Q6_K has no integer-only intrinsic: its row dot with unit scales (d_w = d_x = 1) is the
+    # exact integer while it stays below 2^24
     out[0] = q4_k_block_isum(q4, np.uint64(0), scales, xq, np.uint64(0))
-    out[1] = q6_k_block_isum(q6, np.uint64(0), xq, np.uint64(0))
+    out[1] = np.int32(dot_row_q6_k_tiled(q6, np.uint64(0), 1, _UNIT_LUT, xq, _ONE, np.uint64(0), _bsums16(xq)))
     out[2] = q5_k_block_isum(q5, np.uint64(0), scales, xq, np.uint64(0))
+
+
+@njit(cache=False)
+def _bsums16(xq):
+    out = np.zeros(xq.size // 16, np.int32)
+    for i in range(xq.size):
+        out[i // 16] += xq[i]
+    return out
+
+
+_UNIT_LUT = np.ones(65536, np.float32)  # every f16 scale bit pattern reads as 1.0
+_ONE = np.ones(1, np.float32)
 
 
 def q4_k_values(block: np.ndarray) -> np.ndarray:
@@ -141,13 +200,15 @@ def test_k_quant_super_block_sums_are_exact_at_the_extremes():
         q6 = rng.integers(0, 256, 210, dtype=np.uint8)
         scales = rng.integers(0, 64, 8).astype(np.int32)
         xq = rng.integers(-127, 128, 256).astype(np.int16)
-        if trial == 0:  # largest magnitudes: every product at its bound
+        if trial == 0:  # largest magnitudes: every product at its bound (Q6_K's sum stays < 2^24)
             q4[16:] = 0xFF
             q5[16:] = 0xFF  # every value 31
             q6[:192] = 0x00  # all values -32
             q6[192:208] = np.array([-128] * 16, np.int8).view(np.uint8)
             scales[:] = 63
             xq[:] = -127
+        else:
+            q6[192:208] = rng.integers(-16, 16, 16).astype(np.int8).view(np.uint8)
         out = np.empty(3, np.int32)
         _block_isums(q4, q5, scales, q6, xq, out)
         expected_q4 = (np.repeat(scales.astype(np.int64), 32) * q4_k_values(q4) * xq).sum()
@@ -162,20 +223,46 @@ def _row_dot(w, n_blocks, lut, xq, xd):
     return dot_row_q8_0(w, np.uint64(0), n_blocks, lut, xq, xd, np.uint64(0))
 
 
-def test_q8_0_row_dot_matches_the_scaled_block_sums():
+def test_q8_0_row_dot_has_ggml_avx2_bits():
     from kernels.quant import f16_table
     rng = np.random.default_rng(6)
-    for n_blocks in (1, 2, 7, 28):  # odd counts take the tail block path
+    for n_blocks in (1, 2, 7, 28):
         w = rng.integers(0, 256, n_blocks * 34, dtype=np.uint8)
         scales = (rng.standard_normal(n_blocks) * 0.01).astype(np.float16)
         w.reshape(n_blocks, 34)[:, :2] = scales.view(np.uint8).reshape(n_blocks, 2)
         xq = rng.integers(-127, 128, n_blocks * 32).astype(np.int16)
         xd = rng.uniform(0.001, 0.1, n_blocks).astype(np.float32)
         got = _row_dot(w, n_blocks, f16_table(), xq, xd)
-        values = w.reshape(n_blocks, 34)[:, 2:].view(np.int8).astype(np.int64)
-        sums = (values * xq.reshape(n_blocks, 32)).sum(axis=1)
-        expected = (scales.astype(np.float64) * xd * sums).sum()
-        assert abs(got - expected) <= 1e-5 * np.abs(scales.astype(np.float64) * xd * sums).sum(), n_blocks
+        values = w.reshape(n_blocks, 34)[:, 2:].view(np.int8)
+        expected = ggml_q8_0_row_dot(values, scales.astype(np.float32), xq.reshape(n_blocks, 32), xd)
+        assert got == expected, n_blocks
+        # and not merely close: the plain f64 sum lands elsewhere in the last bits for some length
+        plain = np.float32((scales.astype(np.float64) * xd * (values.astype(np.int64) * xq.reshape(n_blocks, 32)).sum(1)).sum())
+        assert abs(got - plain) <= 1e-5 * abs(plain) + 1e-6
+
+
+@njit(cache=False)
+def _q6_dots(w, n_blocks, lut, xq, xd, bsums, out):
+    out[0] = dot_row_q6_k(w, np.uint64(0), n_blocks, lut, xq, xd, np.uint64(0), bsums)
+    out[1] = dot_row_q6_k_tiled(w, np.uint64(0), n_blocks, lut, xq, xd, np.uint64(0), bsums)
+
+
+def test_q6_k_row_dots_have_ggml_avx2_bits():
+    from kernels.quant import f16_table
+    rng = np.random.default_rng(9)
+    differ = 0
+    for n_blocks in (1, 3, 19):
+        w = rng.integers(0, 256, (n_blocks, 210), dtype=np.uint8)
+        w[:, 192:208] = rng.integers(-128, 128, (n_blocks, 16)).astype(np.int8).view(np.uint8)
+        w[:, 208:210] = (rng.uniform(0.5, 2.0, n_blocks) * 1e-3).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+        xq = rng.integers(-127, 128, (n_blocks, 256)).astype(np.int16)
+        xd = rng.uniform(0.01, 0.1, n_blocks).astype(np.float32)
+        out = np.empty(2, np.float32)
+        _q6_dots(w.reshape(-1), n_blocks, f16_table(), xq.reshape(-1), xd, _bsums16(xq.reshape(-1)), out)
+        assert out[0] == ggml_q6_k_row_dot(w, xq, xd, tiled=False), n_blocks
+        assert out[1] == ggml_q6_k_row_dot(w, xq, xd, tiled=True), n_blocks
+        differ += out[0] != out[1]
+    assert differ  # the two shapes are not the same sum: which one a row takes matters
 
 
 def test_portable_ir_without_avx2_gives_the_same_integers(monkeypatch):
@@ -189,7 +276,7 @@ def test_portable_ir_without_avx2_gives_the_same_integers(monkeypatch):
         def run(w, xq, xd, lut, scales, out):
             out[0] = intdot.q5_k_block_isum(w, np.uint64(0), scales, xq, np.uint64(0))
             out[1] = intdot.q4_k_block_isum(w, np.uint64(0), scales, xq, np.uint64(0))
-            out[2] = intdot.q6_k_block_isum(w, np.uint64(0), xq, np.uint64(0))
+            out[2] = np.int32(intdot.dot_row_q6_k(w, np.uint64(0), 1, _UNIT_LUT, xq, _ONE, np.uint64(0), _bsums16(xq)))
             return intdot.dot_row_q8_0(w, np.uint64(0), 3, lut, xq, xd, np.uint64(0))
         return run
 

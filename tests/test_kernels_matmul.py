@@ -1,12 +1,15 @@
-"""kernels.matmul: fused quantized matmul vs x @ dequantize(W).T, batch invariance, get_rows."""
+"""kernels.matmul: fused quantized matmul vs x @ dequantize(W).T, llama.cpp's summation shapes
+bit for bit, batch invariance, get_rows."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kernels.matmul import BLAS_MIN_ROWS, QuantMatrix, blas_rows_by_group, get_rows, matmul, matmul_multi
+from kernels.matmul import (BLAS_MIN_ROWS, QuantMatrix, blas_rows_by_group, get_rows, matmul, matmul_multi,
+                            row_shapes_by_group)
+from kernels.matmul_krows import QUAD, TILED
 from kernels.quant import BLOCK_LAYOUT, Q4_K, Q5_K, Q6_K, Q8_0, TYPE_NAMES
-from tests.test_kernels_intdot import ggml_quantize_q8_0, ggml_quantize_q8_k
+from tests.test_kernels_intdot import fma32, ggml_quantize_q8_0, ggml_quantize_q8_k
 from tests.test_kernels_quant import oracle, random_blocks
 
 ALL_TYPES = sorted(BLOCK_LAYOUT)
@@ -78,8 +81,77 @@ def test_fused_path_is_batch_invariant(ggml_type):
     for n in (2, 3, 4, 7, 9, BLAS_MIN_ROWS - 1):
         order = rng.permutation(len(xs))[:n]
         out = np.empty((n, m), np.float32)
-        matmul(xs[order], w, out)
+        # rows of the same shape flags (kernels/matmul_krows.py): the single-row ones here
+        matmul(xs[order], w, out, row_shapes=np.zeros(n, np.int8))
         np.testing.assert_array_equal(out, single[order], err_msg=f"n={n}")
+    flagged = np.empty_like(single)
+    for i in range(len(xs)):
+        matmul(xs[i:i + 1], w, flagged[i:i + 1], row_shapes=np.array([QUAD | TILED], np.int8))
+    out = np.empty_like(single)
+    matmul(xs, w, out, row_shapes=np.full(len(xs), QUAD | TILED, np.int8))
+    np.testing.assert_array_equal(out, flagged)
+
+
+def test_row_shapes_follow_llama_cpps_batch_rules_per_group():
+    groups = np.array([3] * 9 + [1] + [2] * 6)
+    shapes = row_shapes_by_group(groups)
+    assert shapes.tolist() == [QUAD | TILED] * 8 + [TILED] + [0] + [QUAD] * 4 + [0] * 2
+    assert row_shapes_by_group(np.zeros(3)).tolist() == [0, 0, 0]
+    # with positions, a group is shaped as its whole sequence so far: the last token of a
+    # 12-token prompt re-evaluated alone keeps the shape it had in the full batch
+    full = row_shapes_by_group(np.zeros(12), np.arange(12))
+    assert full.tolist() == row_shapes_by_group(np.zeros(12)).tolist()
+    assert row_shapes_by_group(np.array([5]), np.array([11])).tolist() == [full[11]] == [QUAD | TILED]
+    assert row_shapes_by_group(np.array([5, 5]), np.array([8, 9])).tolist() == [TILED, TILED]
+
+
+def ggml_q4_k_rows(w: QuantMatrix, x: np.ndarray, quad: bool) -> np.ndarray:
+    """numpy oracle of llama.cpp's repacked Q4_K on AVX2: ggml_gemv_q4_K_8x8_q8_K (one fused
+    multiply-add per super-block for the scaled sums and one for the minimums) or, for rows in
+    4-row groups, ggml_gemm_q4_K_8x8_q8_K (the same in four 64-value parts); out = acc - acc_min."""
+    n, k = x.shape
+    nb = k // 256
+    raw = w.data.reshape(w.m, nb, 144)
+    d = raw[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = raw[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc = raw[:, :, 4:16].astype(np.int64)
+    scales, mins = np.empty((w.m, nb, 8), np.int64), np.empty((w.m, nb, 8), np.int64)
+    for j in range(4):
+        scales[..., j], mins[..., j] = sc[..., j] & 63, sc[..., j + 4] & 63
+        scales[..., j + 4] = (sc[..., j + 8] & 15) | ((sc[..., j] >> 6) << 4)
+        mins[..., j + 4] = (sc[..., j + 8] >> 4) | ((sc[..., j + 4] >> 6) << 4)
+    qs = raw[:, :, 16:].astype(np.int64).reshape(w.m, nb, 4, 32)
+    q = np.empty((w.m, nb, 8, 32), np.int64)
+    q[:, :, 0::2], q[:, :, 1::2] = qs & 15, qs >> 4
+    xq, xd = ggml_quantize_q8_k(x)
+    out = np.empty((n, w.m), np.float32)
+    parts = 4 if quad else 1
+    for i in range(n):
+        xs = xq[i].astype(np.int64).reshape(nb, 8, 32)
+        sub = (scales * (q * xs[None]).sum(-1)).reshape(w.m, nb, parts, -1).sum(-1)
+        sub_min = (mins * xs.sum(-1)[None]).reshape(w.m, nb, parts, -1).sum(-1)
+        acc, acc_min = np.zeros(w.m, np.float32), np.zeros(w.m, np.float32)
+        for b in range(nb):
+            for p in range(parts):
+                acc = fma32(sub[:, b, p].astype(np.float32), d[:, b] * xd[i, b], acc)
+                acc_min = fma32(sub_min[:, b, p].astype(np.float32), dmin[:, b] * xd[i, b], acc_min)
+        out[i] = acc - acc_min
+    return out
+
+
+def test_q4_k_rows_have_llama_cpps_bits_in_both_batch_shapes():
+    rng = np.random.default_rng(31)
+    w, _ = make_matrix(rng, Q4_K, 24, 256 * 3)
+    x = rng.standard_normal((6, 256 * 3)).astype(np.float32)
+    single, quad = np.empty((6, 24), np.float32), np.empty((6, 24), np.float32)
+    matmul(x, w, single, row_shapes=np.zeros(6, np.int8))
+    matmul(x, w, quad, row_shapes=np.full(6, QUAD, np.int8))
+    np.testing.assert_array_equal(single, ggml_q4_k_rows(w, x, quad=False))
+    np.testing.assert_array_equal(quad, ggml_q4_k_rows(w, x, quad=True))
+    assert (single != quad).any()  # the shapes really sum differently
+    default = np.empty((6, 24), np.float32)
+    matmul(x, w, default)  # llama.cpp's rule for one batch of 6: rows 0-3 quad, 4-5 single
+    np.testing.assert_array_equal(default, np.concatenate([quad[:4], single[4:]]))
 
 
 def test_blas_rows_by_group_marks_rows_of_big_groups():
@@ -102,7 +174,7 @@ def test_mixed_blas_mask_gives_each_row_its_own_paths_bits(ggml_type):
     x = np.concatenate([small[:1], big, small[1:]])
     mask = np.array([False] + [True] * big.shape[0] + [False, False])
     out = np.empty((x.shape[0], 19), np.float32)
-    matmul(x, w, out, mask)
+    matmul(x, w, out, mask, row_shapes_by_group(mask))
     np.testing.assert_array_equal(out[1:-2], alone_big)
     np.testing.assert_array_equal(out[[0, -2, -1]], alone_small)
     with pytest.raises(ValueError, match="blas_rows"):

@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.kv_cache import KVCache
 from kernels.attention import attention, store_kv
-from kernels.matmul import blas_rows_by_group, get_rows, matmul, matmul_multi
+from kernels.matmul import blas_rows_by_group, get_rows, matmul, matmul_multi, row_shapes_by_group
 from kernels.ops import gelu_f16_table, gelu_mul, prepare_qkv, residual_rmsnorm, rmsnorm, silu_mul, softcap
 
 from .config import ModelConfig
@@ -25,7 +25,12 @@ OUTPUTS = ("logits", "embeddings")
 
 
 class Model:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, kv_cache: KVCache):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kv_cache: KVCache, batch_shapes: bool = True):
+        # batch_shapes: sum a chunk's rows in the shapes llama.cpp gives one batch of that slot's
+        # sequence (its logits to the bit for a prompt fed at once); off, every row takes the
+        # single-row shapes, so a row's bits do not depend on how a prompt was chunked (the
+        # server: seeded results stay reproducible across prompt-cache hits)
+        self.batch_shapes = batch_shapes
         if kv_cache.n_layers != config.n_layers or kv_cache.n_kv_heads != config.n_kv_heads:
             raise ValueError("kv cache shape does not match the model config")
         self.config = config
@@ -88,12 +93,11 @@ class Model:
         if c.embed_scale != 1.0:
             act.x *= np.float32(c.embed_scale)
         rmsnorm(act.x, w.layers[0].attn_norm, self._eps, act.xn)
-        # a row's matmul path follows its own slot's chunk size, never its neighbours' (batch invariance)
-        blas_rows = blas_rows_by_group(slot_ids)
+        paths = self._row_paths(slot_ids, positions)
         for layer in range(c.n_layers):
             last = layer == c.n_layers - 1
             # the last layer only needs the requested rows after attention (as llama.cpp does)
-            act = self._layer(layer, act, positions, slot_ids, blas_rows, logits_rows if last else None)
+            act = self._layer(layer, act, positions, slot_ids, paths, logits_rows if last else None)
         self.kv_cache.commit(slot_ids, positions, token_ids)
         hidden = act.x.copy()  # (r, n_embd)
         rmsnorm(hidden, w.output_norm, self._eps, hidden)
@@ -101,17 +105,23 @@ class Model:
             return hidden
         logits = np.empty((r, self.n_vocab), np.float32)
         if r:  # (r, n_embd) @ (n_vocab, n_embd)^T
-            matmul(hidden, w.output, logits, blas_rows_by_group(slot_ids[logits_rows]))
+            matmul(hidden, w.output, logits, *self._row_paths(slot_ids[logits_rows], positions[logits_rows]))
         if c.final_logit_softcap > 0:
             softcap(logits, np.float32(c.final_logit_softcap))
         return logits
 
-    def _layer(self, layer, act, positions, slot_ids, blas_rows, out_rows):
+    def _row_paths(self, slot_ids: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # (blas_rows, row_shapes) for matmul: a row's summation path follows its own slot's chunk
+        # and positions, never its neighbours' (batch invariance)
+        shapes = row_shapes_by_group(slot_ids, positions) if self.batch_shapes else np.zeros(slot_ids.size, np.int8)
+        return blas_rows_by_group(slot_ids), shapes
+
+    def _layer(self, layer, act, positions, slot_ids, paths, out_rows):
         # act.xn holds rmsnorm(x) * attn_norm on entry; returns the activations for the next layer
         # with act.xn = the next layer's normed input.
         c, lw, kv = self.config, self.weights.layers[layer], self.kv_cache
         n = act.x.shape[0]
-        matmul_multi(act.xn, [lw.wq, lw.wk, lw.wv], [act.q, act.k, act.v], blas_rows)
+        matmul_multi(act.xn, [lw.wq, lw.wk, lw.wv], [act.q, act.k, act.v], *paths)
         q = act.q.reshape(n, c.n_heads, c.head_dim)
         k = act.k.reshape(n, c.n_kv_heads, c.head_dim)
         v = act.v.reshape(n, c.n_kv_heads, c.value_dim)
@@ -125,7 +135,7 @@ class Model:
             n = out_rows.shape[0]
             q_rows, x_rows = q[out_rows], act.x[out_rows]
             positions, slot_ids = positions[out_rows], slot_ids[out_rows]
-            blas_rows = blas_rows_by_group(slot_ids)
+            paths = self._row_paths(slot_ids, positions)
             act = self._scratch.rows(n)
             if n == 0:
                 return act
@@ -134,20 +144,21 @@ class Model:
             q[:] = q_rows
         attn = act.attn.reshape(n, c.n_heads, c.value_dim)
         attention(q, kv.k_kernel, kv.v_kernel, layer, slot_ids, positions, self._kq_scale, c.window(layer), attn)
-        matmul(act.attn, lw.wo, act.delta, blas_rows)
+        matmul(act.attn, lw.wo, act.delta, *paths)
         residual_rmsnorm(act.x, act.delta, lw.post_attn_norm, lw.ffn_norm, self._eps, act.xn)
-        matmul_multi(act.xn, [lw.w_gate, lw.w_up], [act.gate, act.up], blas_rows)
+        matmul_multi(act.xn, [lw.w_gate, lw.w_up], [act.gate, act.up], *paths)
         if c.activation == "gelu":
             gelu_mul(act.gate, act.up, self._gelu_table)
         else:
             silu_mul(act.gate, act.up)
-        matmul(act.gate, lw.w_down, act.delta, blas_rows)
+        matmul(act.gate, lw.w_down, act.delta, *paths)
         next_norm = self.weights.layers[layer + 1].attn_norm if layer + 1 < c.n_layers else EMPTY
         residual_rmsnorm(act.x, act.delta, lw.post_ffn_norm, next_norm, self._eps, act.xn)
         return act
 
 
-def load_model(g, n_slots: int, n_ctx: int, kv_dtype: str = "f16", repack: bool = True) -> Model:
+def load_model(g, n_slots: int, n_ctx: int, kv_dtype: str = "f16", repack: bool = True,
+               batch_shapes: bool = True) -> Model:
     """Build a Model from GGUFFile `g` with a KV cache of n_slots slots of n_ctx tokens each.
     repack=False keeps every weight in the memory-mapped file (llama.cpp's --no-repack)."""
     if n_slots <= 0 or n_ctx <= 0:
@@ -157,4 +168,4 @@ def load_model(g, n_slots: int, n_ctx: int, kv_dtype: str = "f16", repack: bool 
     kv_cache = KVCache(n_slots, config.n_layers, n_ctx, config.n_kv_heads, config.head_dim,
                        value_dim=config.value_dim, dtype=kv_dtype,
                        rope_specs=[config.rope_spec(layer) for layer in range(config.n_layers)])
-    return Model(config, weights, kv_cache)
+    return Model(config, weights, kv_cache, batch_shapes)
