@@ -60,7 +60,7 @@ def build_async_engine(model_path: str | Path, config: EngineConfig | None = Non
         config = dataclasses.replace(config, n_ctx=n_ctx_train)
     tokenizer = Tokenizer.from_gguf(gguf)
     model = load_model(gguf, n_slots=config.n_slots, n_ctx=config.n_ctx, kv_dtype=config.kv_dtype,
-                       repack=config.repack, batch_shapes=False)  # reproducible across prompt-cache hits
+                       repack=config.repack)
     core = EngineCore(model, tokenizer, config)
     engine = AsyncEngine(core, tokenizer=tokenizer, model_info=model_info_from_gguf(gguf, model_path, model.n_vocab))
     if start:

@@ -15,6 +15,14 @@ from engine.request import Request, TokenProbs
 from engine.scheduler import SampledToken, SchedulerOutput
 
 
+def _batch_span(chunk, n_prompt: int) -> tuple[int, int]:
+    # A prompt's rows are summed as llama.cpp sums a prompt fed in one batch, however it was
+    # chunked or however much of it a prompt-cache hit skipped (same bits every time); a
+    # generated token as llama.cpp's one-token decode batch.
+    end = chunk.start_pos + len(chunk.token_ids) - 1
+    return (0, n_prompt - 1) if end < n_prompt else (chunk.start_pos, end)
+
+
 class ModelRunner:
     def __init__(self, model: Any, batch_size: int = 2048):
         self.model = model
@@ -26,6 +34,7 @@ class ModelRunner:
         token_ids = np.empty(n, dtype=np.int32)  # (n,)
         positions = np.empty(n, dtype=np.int32)  # (n,)
         slot_ids = np.empty(n, dtype=np.int32)  # (n,)
+        spans = np.empty((n, 2), dtype=np.int32)  # (n, 2) the batch llama.cpp would sum each row in
         logits_rows: list[int] = []  # (r,) batch index of each chunk's last token when sampling
         sampling: list[Request] = []
         offset = 0
@@ -39,12 +48,13 @@ class ModelRunner:
             token_ids[offset : offset + k] = chunk.token_ids
             positions[offset : offset + k] = np.arange(chunk.start_pos, chunk.start_pos + k)
             slot_ids[offset : offset + k] = chunk.slot_id
+            spans[offset : offset + k] = _batch_span(chunk, len(chunk.request.prompt_ids))
             offset += k
             if chunk.sample:
                 logits_rows.append(offset - 1)
                 sampling.append(chunk.request)
         rows = np.asarray(logits_rows, dtype=np.int32)
-        logits = self.model.forward(token_ids, positions, slot_ids, rows)  # (r, n_vocab)
+        logits = self.model.forward(token_ids, positions, slot_ids, rows, batch_spans=spans)  # (r, n_vocab)
         results = {}
         for i, request in enumerate(sampling):
             try:

@@ -9,9 +9,15 @@ with the layer index so no strided view is built per call. Cell t of a slot hold
 position t. A float16 cache is passed as its uint16 bit pattern (numba has no float16 on CPU);
 a float32 cache is passed as is; both compile from the same source through `load_row`.
 
-Numerics follow llama.cpp's attention without flash attention (its reference outputs were made
-so): with an f16 cache, Q and the softmax probabilities are rounded to f16 before their products
-(`round_to_cache`), and probabilities are normalized before they weight V.
+Numerics are those of llama.cpp's x86 attention without flash attention (its reference outputs
+were made so), to the bit for a prompt batch: with an f16 cache, Q and the softmax probabilities
+are rounded to f16 before their products (`round_to_cache`); Q.K and P.V are summed as llamafile's
+tinyBLAS sums them (8 lanes of fused multiply-adds over the head dim, resp. over cells by cell
+index mod 8, then lane_sum8; kernels/lanes.py); the softmax adds its exponentials per aligned
+run of 8 cells in f32, into a float64 total, and normalizes before the probabilities weight V.
+One difference remains: exp is libm's expf, ggml uses its own polynomial (they agree on most
+inputs; the f16 rounding of the probabilities hides most of the rest). A one-token decode batch
+in llama.cpp takes ggml_vec_dot_f16 instead, which this kernel does not imitate.
 
 Work is split over (query row, kv head) pairs: all query heads that share a kv head are done
 together, so each cached K/V row is loaded (and converted) once per query row.

@@ -207,28 +207,35 @@ def blas_rows_by_group(groups: np.ndarray) -> np.ndarray:
     return counts[inverse] >= BLAS_MIN_ROWS
 
 
+def row_shapes_by_span(positions: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """(n,) int8: the batch shape llama.cpp would sum each row in (kernels/matmul_krows.py) if
+    row i, at positions[i], were part of one batch holding positions spans[i, 0]..spans[i, 1]:
+    QUAD for the batch's first c - c % 4 rows (Q4_K's 4-row gemm), TILED for all of them when
+    c >= 8 (the tiled k-quant matmul), c being the span's length."""
+    positions = np.asarray(positions, np.int64).reshape(-1)
+    spans = np.asarray(spans, np.int64).reshape(-1, 2)
+    index, count = positions - spans[:, 0], spans[:, 1] - spans[:, 0] + 1
+    quad = np.where(index < count - count % 4, QUAD, 0)
+    return (quad | np.where(count >= 8, TILED, 0)).astype(np.int8)
+
+
 def row_shapes_by_group(groups: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
-    """(n,) int8: for each row, the batch shape llama.cpp would sum it in (kernels/matmul_krows.py)
-    if its group (slot) were one batch of c rows: QUAD for the first c - c % 4 (Q4_K's 4-row
-    gemm), TILED for all when c >= 8 (the tiled k-quant matmul). With `positions`, a group is
-    shaped as the batch of its whole sequence so far, positions 0..max: row p of a group ending
-    at position e is QUAD when p < c - c % 4 and TILED when c >= 8, with c = e + 1. A prompt fed
-    at once gets llama.cpp's shapes, and a chunk fed later (a prompt-cache hit re-evaluating the
-    last prompt token) the very bits it had then. Either way a row's shape depends only on its
-    own group, like blas_rows_by_group: batch invariance."""
+    """(n,) int8 row_shapes_by_span with each group's (slot's) rows as one batch: its rows in
+    order (without `positions`), or its whole sequence so far, positions 0..its last (with
+    them). Like blas_rows_by_group, a row's shape then depends only on its own group."""
     groups = np.asarray(groups).reshape(-1)
-    shapes = np.zeros(groups.size, np.int8)
+    if positions is None:
+        index = np.empty(groups.size, np.int64)
+        for g in np.unique(groups):
+            rows = np.flatnonzero(groups == g)
+            index[rows] = np.arange(rows.size)
+    else:
+        index = np.asarray(positions, np.int64).reshape(-1)
+    spans = np.zeros((groups.size, 2), np.int64)
     for g in np.unique(groups):
-        rows = np.flatnonzero(groups == g)
-        if positions is None:
-            index, count = np.arange(rows.size), rows.size
-        else:
-            index = np.asarray(positions).reshape(-1)[rows]
-            count = int(index.max()) + 1
-        shapes[rows[index < count - count % 4]] |= QUAD
-        if count >= 8:
-            shapes[rows] |= TILED
-    return shapes
+        rows = groups == g
+        spans[rows, 1] = index[rows].max()
+    return row_shapes_by_span(index, spans)
 
 
 def _row_shapes(n: int, row_shapes: np.ndarray | None) -> np.ndarray:

@@ -29,7 +29,7 @@ from numba import njit
 
 from kernels.intdot import dot_row_q6_k, dot_row_q6_k_tiled, q4_k_block_isum, q4_k_block_pair_isums, q5_k_block_isum
 from kernels.lanes import fma
-from kernels.prefetch import PREFETCH_DISTANCE, prefetch, prefetch_ahead
+from kernels.prefetch import prefetch_ahead
 
 U = np.uint64
 # bits of a row's `shapes` entry: the batch shape llama.cpp would sum that x row in
@@ -157,8 +157,7 @@ def rows_q6_k(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1):
     row_bytes = nb * 210
     for r in range(r0, r1):
         o = r * row_bytes
-        for line in range(0, row_bytes, 64):
-            prefetch(u8, U(o + PREFETCH_DISTANCE + line))
+        prefetch_ahead(u8, o, (row_bytes + 63) // 64)  # the row PREFETCH_DISTANCE ahead
         for j in range(n):
             if shapes[j] & TILED:
                 out[j * m + r] = dot_row_q6_k_tiled(u8, U(o), nb, lut, xq, xd, U(j * nb), xbs)

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit
 
 from kernels.intdot import dot_row_q8_0
-from kernels.prefetch import PREFETCH_DISTANCE, prefetch, prefetch_ahead
+from kernels.prefetch import prefetch_ahead
 from kernels.quant import deq_range
 
 U = np.uint64
@@ -41,8 +41,7 @@ def rows_q8_0(u8, lut, m, k, xq, xd, n, out, r0, r1):
     row_bytes = nb * 34
     for r in range(r0, r1):
         o = r * row_bytes
-        for line in range(0, row_bytes, 64):
-            prefetch(u8, U(o + PREFETCH_DISTANCE + line))
+        prefetch_ahead(u8, o, (row_bytes + 63) // 64)  # the row PREFETCH_DISTANCE ahead
         for j in range(n):
             out[j * m + r] = dot_row_q8_0(u8, U(o), nb, lut, xq, xd, U(j * nb))
 

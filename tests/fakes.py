@@ -76,9 +76,13 @@ class FakeModel:
         self.next_token_fn = next_token_fn
         self.calls: list[ForwardCall] = []
 
-    def forward(self, token_ids, positions, slot_ids, logits_rows, output: str = "logits") -> np.ndarray:
+    def forward(self, token_ids, positions, slot_ids, logits_rows, output: str = "logits",
+                batch_spans=None) -> np.ndarray:
         for arr in (token_ids, positions, slot_ids, logits_rows):
             assert isinstance(arr, np.ndarray) and arr.dtype == np.int32
+        if batch_spans is not None:  # the real model's contract: [first, last] around each position
+            assert batch_spans.shape == (positions.size, 2)
+            assert (batch_spans[:, 0] <= positions).all() and (positions <= batch_spans[:, 1]).all()
         self.calls.append(
             ForwardCall(token_ids.tolist(), positions.tolist(), slot_ids.tolist(), logits_rows.tolist(), output)
         )

@@ -258,6 +258,27 @@ def test_chunked_prefill_and_decode_equal_one_shot(llama_model):
     assert model.kv_cache.cached_tokens(0) == PROMPT
 
 
+def test_a_prompts_batch_span_gives_its_one_shot_bits_however_it_is_chunked(llama_model):
+    # The engine passes each prompt row the span of the whole prompt (engine/runner.py): chunked
+    # prefill, or a prompt-cache hit re-evaluating only the last token, then sums every row in
+    # the shapes of the one-shot batch, so the logits are the same bits (seeded sampling stays
+    # reproducible); without the spans, chunks are shaped by what each one holds.
+    one_shot = run_prompt(llama_model(), PROMPT)
+    span = np.array([0, len(PROMPT) - 1])
+    for pieces in ([PROMPT[:3], PROMPT[3:10], PROMPT[10:]], [PROMPT[:-1], PROMPT[-1:]]):
+        model = llama_model()
+        start, rows = 0, []
+        for piece in pieces:
+            n = len(piece)
+            rows.append(model.forward(np.array(piece), np.arange(start, start + n), np.zeros(n), np.arange(n),
+                                      batch_spans=np.tile(span, (n, 1))))
+            start += n
+        np.testing.assert_array_equal(np.concatenate(rows), one_shot)
+    with pytest.raises(ValueError, match="batch_spans"):
+        llama_model().forward(np.array(PROMPT[:2]), np.arange(2), np.zeros(2), np.arange(2),
+                              batch_spans=np.array([[1, 1], [1, 1]]))
+
+
 def test_mixed_batch_of_slots_equals_separate_runs(llama_model):
     alone = llama_model()
     a, b = PROMPT, [3, 3, 70, 12]

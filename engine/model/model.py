@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.kv_cache import KVCache
 from kernels.attention import attention, store_kv
-from kernels.matmul import blas_rows_by_group, get_rows, matmul, matmul_multi, row_shapes_by_group
+from kernels.matmul import blas_rows_by_group, get_rows, matmul, matmul_multi, row_shapes_by_group, row_shapes_by_span
 from kernels.ops import gelu_f16_table, gelu_mul, prepare_qkv, residual_rmsnorm, rmsnorm, silu_mul, softcap
 
 from .config import ModelConfig
@@ -25,12 +25,7 @@ OUTPUTS = ("logits", "embeddings")
 
 
 class Model:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, kv_cache: KVCache, batch_shapes: bool = True):
-        # batch_shapes: sum a chunk's rows in the shapes llama.cpp gives one batch of that slot's
-        # sequence (its logits to the bit for a prompt fed at once); off, every row takes the
-        # single-row shapes, so a row's bits do not depend on how a prompt was chunked (the
-        # server: seeded results stay reproducible across prompt-cache hits)
-        self.batch_shapes = batch_shapes
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kv_cache: KVCache):
         if kv_cache.n_layers != config.n_layers or kv_cache.n_kv_heads != config.n_kv_heads:
             raise ValueError("kv cache shape does not match the model config")
         self.config = config
@@ -83,9 +78,24 @@ class Model:
         return token_ids, positions, slot_ids, logits_rows
 
     # --- forward -------------------------------------------------------------------------------
-    def forward(self, token_ids, positions, slot_ids, logits_rows, output: str = "logits") -> np.ndarray:
-        """Run one flat batch; returns (r, n_vocab) logits or (r, n_embd) hidden states."""
+    def forward(self, token_ids, positions, slot_ids, logits_rows, output: str = "logits",
+                batch_spans=None) -> np.ndarray:
+        """Run one flat batch; returns (r, n_vocab) logits or (r, n_embd) hidden states.
+
+        batch_spans (n, 2) int: for each row, the positions [first, last] of the batch llama.cpp
+        would have computed it in; the row is summed in that batch's shapes (kernels/matmul.py
+        row_shapes_by_span), so its bits do not depend on how the sequence was chunked (the
+        engine passes a prompt's whole span: a prompt-cache hit then reproduces them). Default:
+        each slot's rows as the batch of its sequence so far, positions 0..its last row, which is
+        llama.cpp's own batch for a prompt fed at once."""
         token_ids, positions, slot_ids, logits_rows = self._validate(token_ids, positions, slot_ids, logits_rows, output)
+        if batch_spans is None:
+            shapes = row_shapes_by_group(slot_ids, positions)
+        else:
+            batch_spans = np.asarray(batch_spans, np.int64)
+            if batch_spans.shape != (positions.size, 2) or np.any(batch_spans[:, 0] > positions) or np.any(positions > batch_spans[:, 1]):
+                raise ValueError(f"batch_spans must be ({positions.size}, 2) [first, last] around each row's position")
+            shapes = row_shapes_by_span(positions, batch_spans)
         c, w = self.config, self.weights
         n, r = token_ids.shape[0], logits_rows.shape[0]
         act = self._scratch.rows(n)
@@ -93,7 +103,7 @@ class Model:
         if c.embed_scale != 1.0:
             act.x *= np.float32(c.embed_scale)
         rmsnorm(act.x, w.layers[0].attn_norm, self._eps, act.xn)
-        paths = self._row_paths(slot_ids, positions)
+        paths = (blas_rows_by_group(slot_ids), shapes)
         for layer in range(c.n_layers):
             last = layer == c.n_layers - 1
             # the last layer only needs the requested rows after attention (as llama.cpp does)
@@ -105,16 +115,10 @@ class Model:
             return hidden
         logits = np.empty((r, self.n_vocab), np.float32)
         if r:  # (r, n_embd) @ (n_vocab, n_embd)^T
-            matmul(hidden, w.output, logits, *self._row_paths(slot_ids[logits_rows], positions[logits_rows]))
+            matmul(hidden, w.output, logits, blas_rows_by_group(slot_ids[logits_rows]), shapes[logits_rows])
         if c.final_logit_softcap > 0:
             softcap(logits, np.float32(c.final_logit_softcap))
         return logits
-
-    def _row_paths(self, slot_ids: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # (blas_rows, row_shapes) for matmul: a row's summation path follows its own slot's chunk
-        # and positions, never its neighbours' (batch invariance)
-        shapes = row_shapes_by_group(slot_ids, positions) if self.batch_shapes else np.zeros(slot_ids.size, np.int8)
-        return blas_rows_by_group(slot_ids), shapes
 
     def _layer(self, layer, act, positions, slot_ids, paths, out_rows):
         # act.xn holds rmsnorm(x) * attn_norm on entry; returns the activations for the next layer
@@ -135,7 +139,7 @@ class Model:
             n = out_rows.shape[0]
             q_rows, x_rows = q[out_rows], act.x[out_rows]
             positions, slot_ids = positions[out_rows], slot_ids[out_rows]
-            paths = self._row_paths(slot_ids, positions)
+            paths = (blas_rows_by_group(slot_ids), paths[1][out_rows])
             act = self._scratch.rows(n)
             if n == 0:
                 return act
@@ -157,8 +161,7 @@ class Model:
         return act
 
 
-def load_model(g, n_slots: int, n_ctx: int, kv_dtype: str = "f16", repack: bool = True,
-               batch_shapes: bool = True) -> Model:
+def load_model(g, n_slots: int, n_ctx: int, kv_dtype: str = "f16", repack: bool = True) -> Model:
     """Build a Model from GGUFFile `g` with a KV cache of n_slots slots of n_ctx tokens each.
     repack=False keeps every weight in the memory-mapped file (llama.cpp's --no-repack)."""
     if n_slots <= 0 or n_ctx <= 0:
@@ -168,4 +171,4 @@ def load_model(g, n_slots: int, n_ctx: int, kv_dtype: str = "f16", repack: bool 
     kv_cache = KVCache(n_slots, config.n_layers, n_ctx, config.n_kv_heads, config.head_dim,
                        value_dim=config.value_dim, dtype=kv_dtype,
                        rope_specs=[config.rope_spec(layer) for layer in range(config.n_layers)])
-    return Model(config, weights, kv_cache, batch_shapes)
+    return Model(config, weights, kv_cache)
