@@ -1,8 +1,8 @@
 """8-bit activations: x rounded to ggml's Q8_0 or Q8_K blocks before a quantized matmul.
 
 Owns:
-- `quantize_q8_0(xf, n, k, xq, xd)`: each 32-value block of x becomes int8 values (stored as
-  int16, the width kernels/intdot.py's dots take) and one scale, with ggml's rule: d = max|x| /
+- `quantize_q8_0(xf, n, k, xq, xd)`: each 32-value block of x becomes int8 values and one
+  scale, with ggml's rule: d = max|x| /
   127, rounded to f16 as ggml stores it; q = round-half-even(x * 127 / max|x|).
 - `quantize_q8_k(xf, n, k, xq, xd, xbs)`: ggml's Q8_K (256-value blocks, f32 scale), the
   activations of the k-quant kernels, plus the int sums of each 16 values (ggml's bsums).
@@ -23,7 +23,7 @@ from kernels.quant import f16_round
 
 @njit(cache=True)
 def quantize_q8_0(xf, n, k, xq, xd):
-    # x (n, k) f32 flat -> xq (n, k) int16 flat in [-127, 127], xd (n, k/32) f32 flat block scales.
+    # x (n, k) f32 flat -> xq (n, k) int8 flat in [-127, 127], xd (n, k/32) f32 flat block scales.
     # A block holding inf/nan gets scale nan, so the dot products with it stay nan as with f32.
     nb = k // 32
     for j in range(n):
@@ -47,7 +47,7 @@ def quantize_q8_0(xf, n, k, xq, xd):
             # multiplies by it, and the two differ in the last bit often enough to flip a rounding
             inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
             for i in range(32):
-                xq[o + i] = np.int16(np.rint(xf[o + i] * inv))
+                xq[o + i] = np.int8(np.rint(xf[o + i] * inv))
             xd[j * nb + b] = f16_round(d)
 
 
@@ -55,7 +55,7 @@ def q8_0_round_trip(x: np.ndarray) -> np.ndarray:
     """x (n, k) f32 -> a new (n, k) f32 array: x rounded to Q8_0 and back (values * scales),
     the activations an integer Q8_0 dot product sees; for the BLAS prefill path."""
     n, k = x.shape
-    xq = np.empty(n * k, np.int16)
+    xq = np.empty(n * k, np.int8)
     xd = np.empty(n * (k // 32), np.float32)
     quantize_q8_0(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), n, k, xq, xd)
     return (xq.reshape(n, k // 32, 32) * xd.reshape(n, k // 32, 1)).reshape(n, k)

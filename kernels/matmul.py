@@ -155,9 +155,9 @@ def _fused(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray], shapes:
     flats = [o.reshape(-1) if o.flags.c_contiguous else np.empty(o.size, np.float32) for o in outs]
     meta, tasks, needs_q8_0, needs_q8_k = _plan(ws)
     # x quantized as each kernel's integer dot wants it (kernels/activations.py), once per call
-    xq, xd = np.empty(0, np.int16), np.empty(0, np.float32)
-    if needs_q8_0:  # (n, k) int16 values, (n, k/32) scales
-        xq, xd = np.empty(n * k, np.int16), np.empty(n * (k // 32), np.float32)
+    xq, xd = np.empty(0, np.int8), np.empty(0, np.float32)
+    if needs_q8_0:  # (n, k) int8 values, (n, k/32) scales
+        xq, xd = np.empty(n * k, np.int8), np.empty(n * (k // 32), np.float32)
         quantize_q8_0(xf, n, k, xq, xd)
     xqk, xdk, xbs = np.empty(0, np.int16), np.empty(0, np.float32), np.empty(0, np.int32)
     if needs_q8_k:  # (n, k) int16 values, (n, k/256) scales, (n, k/16) int sums
@@ -224,6 +224,13 @@ def row_shapes_by_group(groups: np.ndarray, positions: np.ndarray | None = None)
     order (without `positions`), or its whole sequence so far, positions 0..its last (with
     them). Like blas_rows_by_group, a row's shape then depends only on its own group."""
     groups = np.asarray(groups).reshape(-1)
+    if positions is None and groups.size < 4:  # too few rows for any batch shape (the decode case)
+        return np.zeros(groups.size, np.int8)
+    if groups.size and groups.min() == groups.max():  # one group: no per-group bookkeeping
+        index = np.arange(groups.size) if positions is None else np.asarray(positions, np.int64).reshape(-1)
+        spans = np.zeros((groups.size, 2), np.int64)
+        spans[:, 1] = index.max()
+        return row_shapes_by_span(index, spans)
     if positions is None:
         index = np.empty(groups.size, np.int64)
         for g in np.unique(groups):

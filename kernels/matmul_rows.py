@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.intdot import dot_row_q8_0
+from kernels.intdot import dot_rows_q8_0
 from kernels.prefetch import prefetch_ahead
 from kernels.quant import deq_range
 
@@ -34,16 +34,20 @@ I0, I4, I15, I16 = np.int32(0), np.int32(4), np.int32(15), np.int32(16)
 @njit(cache=True)
 def rows_q8_0(u8, lut, m, k, xq, xd, n, out, r0, r1):
     # W Q8_0 (m, k): block = f16 d, 32 x int8, times x quantized to Q8_0 (kernels/activations.py):
-    # xq (n, k) int16 flat, xd (n, k/32) f32 flat. One weight row against each x row in turn
-    # through dot_row_q8_0 (exact integer block sums, fixed-order f32 accumulation), so a row's
-    # bits never depend on n. The next rows are prefetched a row at a time.
+    # xq (n, k) int8 flat, xd (n, k/32) f32 flat. Two weight rows against each x row in turn
+    # through dot_rows_q8_0 (exact integer block sums, llama.cpp's f32 accumulation), so a row's
+    # bits never depend on n. The next rows are prefetched two rows at a time.
     nb = k // 32
     row_bytes = nb * 34
-    for r in range(r0, r1):
+    for r in range(r0, r1, 2):
         o = r * row_bytes
-        prefetch_ahead(u8, o, (row_bytes + 63) // 64)  # the row PREFETCH_DISTANCE ahead
+        second = row_bytes if r + 1 < m else 0  # a last odd row is read twice, stored once
+        prefetch_ahead(u8, o, (2 * row_bytes + 63) // 64)  # the 2 rows PREFETCH_DISTANCE ahead
         for j in range(n):
-            out[j * m + r] = dot_row_q8_0(u8, U(o), nb, lut, xq, xd, U(j * nb))
+            a, b = dot_rows_q8_0(u8, U(o), U(second), nb, lut, xq, xd, U(j * nb))
+            out[j * m + r] = a
+            if r + 1 < m:
+                out[j * m + r + 1] = b
 
 
 @njit(cache=True, inline="always")

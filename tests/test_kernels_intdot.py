@@ -7,7 +7,8 @@ import numpy as np
 from numba import njit
 
 from kernels.activations import quantize_q8_0, quantize_q8_k
-from kernels.intdot import dot_row_q6_k, dot_row_q6_k_tiled, dot_row_q8_0, q4_k_block_isum, q5_k_block_isum
+from kernels.intdot import (dot_row_q6_k, dot_row_q6_k_tiled, dot_row_q8_0, dot_rows_q8_0, q4_k_block_isum,
+                           q5_k_block_isum)
 
 
 def ggml_quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +81,7 @@ def ggml_q6_k_row_dot(blocks, xq, xd, tiled: bool) -> np.float32:
 
 def run_quantize(x):
     n, k = x.shape
-    xq, xd = np.empty(n * k, np.int16), np.empty(n * (k // 32), np.float32)
+    xq, xd = np.empty(n * k, np.int8), np.empty(n * (k // 32), np.float32)
     quantize_q8_0(x.reshape(-1), n, k, xq, xd)
     return xq.reshape(n, k), xd.reshape(n, k // 32)
 
@@ -124,7 +125,7 @@ def test_q8_0_block_dot_is_exact_at_the_extremes():
     from kernels.quant import f16_table
     w = np.full(34, 0x80, np.uint8)
     w[:2] = np.array([1.0], np.float16).view(np.uint8)
-    xq = np.full(32, -127, np.int16)
+    xq = np.full(32, -127, np.int8)
     assert _row_dot(w, 1, f16_table(), xq, np.ones(1, np.float32)) == 32 * 128 * 127
 
 
@@ -223,6 +224,11 @@ def _row_dot(w, n_blocks, lut, xq, xd):
     return dot_row_q8_0(w, np.uint64(0), n_blocks, lut, xq, xd, np.uint64(0))
 
 
+@njit(cache=False)
+def _row_pair(w, n_blocks, lut, xq, xd):
+    return dot_rows_q8_0(w, np.uint64(0), np.uint64(0), n_blocks, lut, xq, xd, np.uint64(0))
+
+
 def test_q8_0_row_dot_has_ggml_avx2_bits():
     from kernels.quant import f16_table
     rng = np.random.default_rng(6)
@@ -230,9 +236,10 @@ def test_q8_0_row_dot_has_ggml_avx2_bits():
         w = rng.integers(0, 256, n_blocks * 34, dtype=np.uint8)
         scales = (rng.standard_normal(n_blocks) * 0.01).astype(np.float16)
         w.reshape(n_blocks, 34)[:, :2] = scales.view(np.uint8).reshape(n_blocks, 2)
-        xq = rng.integers(-127, 128, n_blocks * 32).astype(np.int16)
+        xq = rng.integers(-127, 128, n_blocks * 32).astype(np.int8)
         xd = rng.uniform(0.001, 0.1, n_blocks).astype(np.float32)
         got = _row_dot(w, n_blocks, f16_table(), xq, xd)
+        assert _row_pair(w, n_blocks, f16_table(), xq, xd) == (got, got)  # the two-row form, same row twice
         values = w.reshape(n_blocks, 34)[:, 2:].view(np.int8)
         expected = ggml_q8_0_row_dot(values, scales.astype(np.float32), xq.reshape(n_blocks, 32), xd)
         assert got == expected, n_blocks
@@ -273,22 +280,23 @@ def test_portable_ir_without_avx2_gives_the_same_integers(monkeypatch):
 
     def build():
         @njit(cache=False)
-        def run(w, xq, xd, lut, scales, out):
+        def run(w, xq, xq8, xd, lut, scales, out):
             out[0] = intdot.q5_k_block_isum(w, np.uint64(0), scales, xq, np.uint64(0))
             out[1] = intdot.q4_k_block_isum(w, np.uint64(0), scales, xq, np.uint64(0))
             out[2] = np.int32(intdot.dot_row_q6_k(w, np.uint64(0), 1, _UNIT_LUT, xq, _ONE, np.uint64(0), _bsums16(xq)))
-            return intdot.dot_row_q8_0(w, np.uint64(0), 3, lut, xq, xd, np.uint64(0))
+            return intdot.dot_row_q8_0(w, np.uint64(0), 3, lut, xq8, xd, np.uint64(0))
         return run
 
     rng = np.random.default_rng(8)
     w = rng.integers(0, 256, 256, dtype=np.uint8)
     w[:102].reshape(3, 34)[:, :2] = np.array([0.01], np.float16).view(np.uint8)
     xq = rng.integers(-127, 128, 256).astype(np.int16)
+    xq8 = xq[:96].astype(np.int8)
     xd = np.array([0.5, 0.25, 0.125], np.float32)
     scales = rng.integers(0, 64, 8).astype(np.int32)
     native, portable = np.empty(3, np.int32), np.empty(3, np.int32)
-    row_native = build()(w, xq, xd, f16_table(), scales, native)
+    row_native = build()(w, xq, xq8, xd, f16_table(), scales, native)
     monkeypatch.setattr(intdot, "HAS_AVX2", False)
-    row_portable = build()(w, xq, xd, f16_table(), scales, portable)
+    row_portable = build()(w, xq, xq8, xd, f16_table(), scales, portable)
     np.testing.assert_array_equal(portable, native)
     assert row_portable == row_native
