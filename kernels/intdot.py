@@ -137,9 +137,28 @@ def _fma8(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
-def _q8_0_rows_codegen(n_rows):
+def _q5_0_values(builder, block):
+    # <32 x i8> the values (-16..15) of the Q5_0 block at `block` (f16 d, u32 qh, 16 bytes qs):
+    # value i has low 4 bits in qs[i % 16] (low nibble for i < 16, high for i >= 16) and its
+    # fifth bit at bit i of qh
+    qs = _load(builder, block, ir.Constant(I64, 6), ir.VectorType(I8, 16), 1)
+    low = builder.and_(qs, ir.Constant(ir.VectorType(I8, 16), [15] * 16))
+    high = builder.lshr(qs, ir.Constant(ir.VectorType(I8, 16), [4] * 16))
+    nibbles = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+    qh = _load(builder, block, ir.Constant(I64, 2), ir.VectorType(I8, 4), 1)
+    spread = builder.shuffle_vector(qh, qh, ir.Constant(ir.VectorType(I32, 32), [i // 8 for i in range(32)]))
+    bit = builder.and_(spread, ir.Constant(V32I8, [1 << (i % 8) for i in range(32)]))
+    fifth = builder.select(builder.icmp_unsigned("!=", bit, ir.Constant(V32I8, [0] * 32)),
+                           ir.Constant(V32I8, [16] * 32), ir.Constant(V32I8, [0] * 32))
+    return builder.sub(builder.or_(nibbles, fifth), _bytes(builder, 16))
+
+
+def _q8_0_rows_codegen(n_rows, q5_0=False):
     # codegen for dot_row_q8_0 (n_rows=1) and dot_rows_q8_0 (n_rows=2; args[2] is the byte
-    # stride of the second row): each row its own accumulator, in one loop over the blocks
+    # stride of the second row): each row its own accumulator, in one loop over the blocks;
+    # q5_0: the rows are Q5_0 blocks (22 bytes), unpacked to int8 in registers
+    block_bytes = 22 if q5_0 else 34
+
     def codegen(context, builder, signature, args):
         w_arg, w_offset = args[0], args[1]
         n_blocks, lut_arg, xq_arg, xd_arg, x_block = args[-5:]
@@ -158,10 +177,11 @@ def _q8_0_rows_codegen(n_rows):
             d_x = builder.load(builder.gep(d_row, [b]))
             x_values = _load(builder, builder.gep(x_row, [builder.mul(b, ir.Constant(I64, 32))]), None, V32I8, 1)
             for row, accumulator in zip(rows, accumulators):
-                block = builder.gep(row, [builder.mul(b, ir.Constant(I64, 34))])
+                block = builder.gep(row, [builder.mul(b, ir.Constant(I64, block_bytes))])
                 d_bits = builder.load(builder.bitcast(block, I16.as_pointer()), align=1)
                 scale = builder.fmul(builder.load(builder.gep(lut, [builder.zext(d_bits, I64)])), d_x)
-                quads = _int8_quads(builder, _load(builder, block, ir.Constant(I64, 2), V32I8, 1), x_values)
+                values = _q5_0_values(builder, block) if q5_0 else _load(builder, block, ir.Constant(I64, 2), V32I8, 1)
+                quads = _int8_quads(builder, values, x_values)
                 builder.store(_fma8(builder, _splat(builder, scale, v8f32), builder.sitofp(quads, v8f32),
                                     builder.load(accumulator)), accumulator)
         sums = [lane_sum_ir(builder, builder.load(a)) for a in accumulators]
@@ -194,6 +214,42 @@ def dot_rows_q8_0(typingctx, w, w_offset, row_stride, n_blocks, lut, xq, xd, x_b
         return None
     return (types.UniTuple(types.float32, 2)(w, w_offset, row_stride, n_blocks, lut, xq, xd, x_block),
             _q8_0_rows_codegen(2))
+
+
+@intrinsic
+def dot_rows_q5_0(typingctx, w, w_offset, row_stride, n_blocks, lut, xq, xd, x_block):
+    """dot_rows_q8_0 for two Q5_0 rows: each block's 5-bit values are unpacked to int8 in
+    registers (22 bytes read per 32 weights instead of the widened Q8_0's 34). The values and
+    scales are the Q8_0 widening's, so the bits are too (and llama.cpp's Q5_0 dot's)."""
+    if not all(isinstance(a, types.Array) for a in (w, lut, xq, xd)):
+        return None
+    return (types.UniTuple(types.float32, 2)(w, w_offset, row_stride, n_blocks, lut, xq, xd, x_block),
+            _q8_0_rows_codegen(2, q5_0=True))
+
+
+@intrinsic
+def widen_q5_0_blocks(typingctx, w, w_offset, n_blocks, dst):
+    """dst[:34 * n_blocks] (uint8) <- the n_blocks Q5_0 blocks at w[w_offset:] rewritten as Q8_0
+    blocks (the same f16 d, the values as int8), unpacked with the vector code of dot_rows_q5_0:
+    a kernel dotting one weight row with several x rows unpacks it once into L1 this way."""
+    if not (isinstance(w, types.Array) and isinstance(dst, types.Array)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        w_arg, w_offset, n_blocks, dst_arg = args
+        src = _pointer(context, builder, signature.args[0], w_arg, w_offset)
+        out = context.make_array(signature.args[3])(context, builder, dst_arg).data
+        n_blocks = builder.sext(n_blocks, I64) if n_blocks.type.width < 64 else n_blocks
+        with cgutils.for_range(builder, n_blocks) as loop:
+            block = builder.gep(src, [builder.mul(loop.index, ir.Constant(I64, 22))])
+            target = builder.gep(out, [builder.mul(loop.index, ir.Constant(I64, 34))])
+            d_bits = builder.load(builder.bitcast(block, I16.as_pointer()), align=1)
+            builder.store(d_bits, builder.bitcast(target, I16.as_pointer()), align=1)
+            values_ptr = builder.bitcast(builder.gep(target, [ir.Constant(I64, 2)]), V32I8.as_pointer())
+            builder.store(_q5_0_values(builder, block), values_ptr, align=1)
+        return context.get_dummy_value()
+
+    return types.none(w, w_offset, n_blocks, dst), codegen
 
 
 def _q4_q5_k_codegen(has_fifth_bits, pair_sums=False):

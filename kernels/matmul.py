@@ -17,12 +17,12 @@ Two paths, chosen per row of x (default: by the number of rows n; the model pass
 - BLAS (prefill chunks of >= BLAS_MIN_ROWS rows): W is decoded to f32 a tile of rows at a time
   (serial numba, ~1-4 G values/s) and multiplied with numpy's BLAS sgemm. Faster for many
   rows, but sums in another order, so results differ in the last bits from the fused path.
-Activations: as in llama.cpp, Q8_0 matrices multiply x rounded to Q8_0 and Q4_K / Q5_K / Q6_K matrices
-x rounded to Q8_K, on both paths (kernels/activations.py; then exact integer block sums with
-vpmaddwd, kernels/intdot.py); every
-other type multiplies x as f32. Types with a fused kernel: Q8_0, Q5_0, Q4_K, Q5_K, Q6_K (everything a
-Q4_K_M model streams per token; Q5_0 is widened to Q8_0 at load unless --no-repack); all other
-types decode 4 rows into f32 scratch and dot those (rows_generic).
+Activations: as in llama.cpp, Q8_0 / Q5_0 matrices multiply x rounded to Q8_0 and Q4_K / Q5_K /
+Q6_K matrices x rounded to Q8_K, on both paths (kernels/activations.py; then exact integer block
+sums, kernels/intdot.py); every other type multiplies x as f32. Types with a fused kernel: Q8_0,
+Q5_0, Q4_K, Q5_K, Q6_K (everything a Q4_K_M model streams per token; Q4_0 is widened to Q8_0 at
+load unless --no-repack); all other types decode 4 rows into f32 scratch and dot those
+(rows_generic).
 """
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ from numba import njit, prange
 
 from kernels.activations import q8_0_round_trip, q8_k_round_trip, quantize_q8_0, quantize_q8_k
 from kernels.matmul_krows import QUAD, TILED, rows_q4_k, rows_q5_k, rows_q6_k
-from kernels.matmul_rows import rows_generic, rows_q5_0, rows_q5_0_x2, rows_q8_0
-from kernels.quant import (Q4_K, Q5_K, Q6_K, Q8_0, TYPE_NAMES, as_bytes, block_layout, deq_range, deq_rows_parallel,
+from kernels.matmul_rows import rows_generic, rows_q5_0_int, rows_q8_0
+from kernels.quant import (Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, TYPE_NAMES, as_bytes, block_layout, deq_range, deq_rows_parallel,
                            f16_table)
 
 K_QUANTS_Q8_K = (Q4_K, Q5_K, Q6_K)  # types whose kernels take x rounded to Q8_K
+Q8_0_ACTIVATIONS = (Q8_0, Q5_0)  # types whose kernels take x rounded to Q8_0
 BLAS_MIN_ROWS = 32  # n at which matmul switches from the fused kernels to tile dequant + sgemm
 _TASK_BYTES = 48 * 1024  # weight bytes per parallel task: small enough to balance 2 threads
 _TILE_BYTES = 32 * 1024 * 1024  # f32 bytes of one decoded tile on the BLAS path (transient)
@@ -83,16 +84,10 @@ class QuantMatrix:
 @njit(cache=True)
 def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xqk, xdk, xbs, shapes, n, out, r0, r1, tmp):
     # out (n, m) flat, rows [r0, r1) of W (m, k) <- x (n, k) flat
-    # Q5_0: n == 1 takes the single-x kernel (fastest decode), n >= 2 the two-x kernel, which
-    # decodes each block once for two x rows and computes the same bits per row (checked by
-    # tests/test_kernels_matmul.py). The other kernels run one x row per pass for every n.
     if ggml_type == 8:
         rows_q8_0(u8, lut, m, k, xq, xd, n, out, r0, r1)
     elif ggml_type == 6:
-        if n == 1:
-            rows_q5_0(u8, lut, m, k, xf, n, out, r0, r1)
-        else:
-            rows_q5_0_x2(u8, lut, m, k, xf, n, out, r0, r1)
+        rows_q5_0_int(u8, lut, m, k, xq, xd, n, out, r0, r1)
     elif ggml_type == 12:
         rows_q4_k(u8, lut, m, k, xqk, xdk, xbs, shapes, n, out, r0, r1)
     elif ggml_type == 13:
@@ -142,7 +137,7 @@ def _plan(ws: list[QuantMatrix]) -> tuple[np.ndarray, np.ndarray, bool, bool]:
             t = w.tasks.copy()
             t[:, 0] = s
             tasks.append(t)
-        plan = (meta, np.ascontiguousarray(np.concatenate(tasks)), any(w.ggml_type == Q8_0 for w in ws),
+        plan = (meta, np.ascontiguousarray(np.concatenate(tasks)), any(w.ggml_type in Q8_0_ACTIVATIONS for w in ws),
                 any(w.ggml_type in K_QUANTS_Q8_K for w in ws))
         ws[0]._plans[key] = plan
     return plan
@@ -303,7 +298,7 @@ def _blas_all(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray]) -> N
     # per kind for all the matrices sharing x (Q, K and V; gate and up).
     rounded = {}
     for w, o in zip(ws, outs):
-        if w.ggml_type == Q8_0:
+        if w.ggml_type in Q8_0_ACTIVATIONS:
             kind, round_trip = "q8_0", q8_0_round_trip
         elif w.ggml_type in K_QUANTS_Q8_K:
             kind, round_trip = "q8_k", q8_k_round_trip

@@ -6,12 +6,13 @@ bytes) rewritten as Q8_0 blocks (the same f16 d, 32 int8; 34 bytes). The values 
 (a weight in [-16, 15] fits an int8 and the scale is copied bit for bit), so dequantized weights
 do not change; only the bytes per weight grow (1.55x for Q5_0, 1.9x for Q4_0).
 
-Why: a matvec is compute-bound on Q5_0 (unpacking the fifth bits costs ~8 vector ops per 8
-weights: ~5 GMAC/s per core, 7 GB/s on 2 cores) but memory-bound on Q8_0 (~23-26 GB/s of weights
-on 2 cores with prefetching and integer dots). Reading 1.55x the bytes at 3x the speed halves
-the time of the matrices that carry most of a Q4_K_M model's per-token bytes. llama.cpp repacks
-for the same reason (its CPU "repack" buffers); `--no-repack` keeps every weight in the
-memory-mapped file.
+Why: a Q4_0 matvec is compute-bound unpacking nibbles with the f32 kernel, while Q8_0 is
+memory-bound (~23-26 GB/s of weights on 2 cores with prefetching and integer dots). llama.cpp
+repacks for the same reason (its CPU "repack" buffers); `--no-repack` keeps every weight in the
+memory-mapped file. Q5_0 is no longer widened at load: its integer kernel unpacks the 5-bit
+values in registers (kernels/intdot.py dot_rows_q5_0) and streams 22 bytes per 32 weights
+instead of 34, ~15-20% faster per decode step; widen_q5_0_blocks makes the same Q8_0 copy
+of two rows in L1 for batches. widen_to_q8_0 still accepts Q5_0 (tests compare against it).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from numba import njit, prange
 
 from kernels.quant import BLOCK_LAYOUT, Q4_0, Q5_0, Q8_0
 
-WIDENED_TYPES = (Q4_0, Q5_0)  # GGML types widen_to_q8_0 accepts
+WIDENED_TYPES = (Q4_0,)  # GGML types the model widens at load (widen_to_q8_0 also takes Q5_0)
 Q8_0_BLOCK_BYTES = BLOCK_LAYOUT[Q8_0][1]
 
 
@@ -50,7 +51,7 @@ def _widen(src, dst, n_blocks, src_block_bytes, has_fifth_bits):
 
 def widen_to_q8_0(src: np.ndarray, ggml_type: int) -> np.ndarray:
     """Q4_0 or Q5_0 block bytes (uint8) -> a new array holding the same weights as Q8_0 blocks."""
-    if ggml_type not in WIDENED_TYPES:
+    if ggml_type not in (Q4_0, Q5_0):
         raise ValueError(f"only Q4_0 and Q5_0 widen to Q8_0, got GGML type {ggml_type}")
     block_bytes = BLOCK_LAYOUT[ggml_type][1]
     src = np.ascontiguousarray(src, dtype=np.uint8).reshape(-1)

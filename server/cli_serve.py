@@ -84,7 +84,7 @@ OPTIONS = (
     Option(("-fa", "--flash-attn"), "flash_attn", "choice", "flash attention on|off|auto (accepted)",
            ("LLAMA_ARG_FLASH_ATTN",), ("on", "off", "auto")),
     Option(("-nr", "--no-repack"), "repack", "false",
-           "keep every weight in the memory-mapped file (no Q4_0/Q5_0 -> Q8_0 widening at load; slower decode)",
+           "keep every weight in the memory-mapped file (no Q4_0 -> Q8_0 widening at load; slower Q4_0 decode)",
            ("LLAMA_ARG_NO_REPACK",)),
     Option(("--no-warmup",), "warmup", "false", "skip the warm-up generation (first request compiles the kernels)"),
     Option(("--embedding", "--embeddings"), "embeddings", "true", "enable the embedding endpoints",

@@ -8,7 +8,7 @@ import pytest
 from kernels.matmul import (BLAS_MIN_ROWS, QuantMatrix, blas_rows_by_group, get_rows, matmul, matmul_multi,
                             row_shapes_by_group)
 from kernels.matmul_krows import QUAD, TILED
-from kernels.quant import BLOCK_LAYOUT, Q4_K, Q5_K, Q6_K, Q8_0, TYPE_NAMES
+from kernels.quant import BLOCK_LAYOUT, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, TYPE_NAMES
 from tests.test_kernels_intdot import fma32, ggml_quantize_q8_0, ggml_quantize_q8_k
 from tests.test_kernels_quant import oracle, random_blocks
 
@@ -40,10 +40,10 @@ def ggml_q8_k_activations(x: np.ndarray) -> np.ndarray:
 
 
 def effective_x(x: np.ndarray, ggml_type: int) -> np.ndarray:
-    """The activations a matmul really multiplies, as in llama.cpp: Q8_0 weights take x rounded
+    """The activations a matmul really multiplies, as in llama.cpp: Q8_0 / Q5_0 weights take x rounded
     to Q8_0 and Q4_K / Q5_K / Q6_K weights x rounded to Q8_K (on both the fused and the BLAS path);
     every other type takes x as is."""
-    if ggml_type == Q8_0:
+    if ggml_type in (Q8_0, Q5_0):
         return ggml_q8_0_activations(x)
     return ggml_q8_k_activations(x) if ggml_type in (Q4_K, Q5_K, Q6_K) else x
 
@@ -202,7 +202,7 @@ def test_large_matrix_spans_many_parallel_tasks():
     x = rng.standard_normal((3, k)).astype(np.float32)
     out = np.empty((3, m), np.float32)
     matmul(x, w, out)
-    assert_close_to_reference(out, x, w_f32)
+    assert_close_to_reference(out, effective_x(x, 6), w_f32)
 
 
 def test_prefill_path_for_many_rows():

@@ -34,3 +34,18 @@ def test_partial_blocks_and_other_types_are_refused():
         widen_to_q8_0(np.zeros(30, np.uint8), int(Q.Q5_0))
     with pytest.raises(ValueError, match="only Q4_0 and Q5_0"):
         widen_to_q8_0(np.zeros(34, np.uint8), int(Q.Q8_0))
+
+
+@pytest.mark.parametrize("m,k", [(1, 32), (7, 96), (33, 640)])
+def test_q5_0_kernel_gives_the_widened_matrix_bits_for_any_batch(m, k):
+    # Q5_0 is streamed packed (its kernel unpacks in registers, or into an L1 Q8_0 copy for
+    # batches): the same values and scales as the widened matrix, so the same bits at every n
+    rng = np.random.default_rng(m + k)
+    packed = quantize(rng.standard_normal((m, k)).astype(np.float32), Q.Q5_0)
+    native, widened = QuantMatrix(packed, Q.Q5_0, m, k), QuantMatrix(widen_to_q8_0(packed, int(Q.Q5_0)), Q.Q8_0, m, k)
+    for n in (1, 2, 5):
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        a, b = np.empty((n, m), np.float32), np.empty((n, m), np.float32)
+        matmul(x, native, a)
+        matmul(x, widened, b)
+        np.testing.assert_array_equal(a, b, err_msg=f"n={n}")

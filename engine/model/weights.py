@@ -3,7 +3,7 @@
 Owns: naming (llama.cpp's tensor names), shape validation (a clear ValueError naming the tensor,
 expected and found shapes), and turning tensors into what the kernels take: 2-D weights stay
 quantized as `QuantMatrix` views of the memory-mapped file (no copy), except that with repacking
-on (the default) Q4_0 / Q5_0 matrices streamed every step are widened to Q8_0 once, in memory (see
+on (the default) Q4_0 matrices streamed every step are widened to Q8_0 once, in memory (see
 kernels/repack.py); 1-D norms and biases are
 small and become float32 arrays. A missing `output.weight` means the output is tied to
 `token_embd.weight`, as llama.cpp does.
@@ -78,7 +78,7 @@ class _TensorReader:
         return info
 
     def matrix(self, name: str, m: int, k: int, streamed: bool = True) -> QuantMatrix:
-        """W (m, k) as a view of the file; a Q4_0 / Q5_0 matrix that every decode step streams is
+        """W (m, k) as a view of the file; a Q4_0 matrix that every decode step streams is
         widened to Q8_0 in memory when repacking is on (kernels/repack.py says why) and its file
         pages are released so the weights are resident once."""
         info = self.info(name, (m, k))
