@@ -89,13 +89,7 @@ class Model:
         each slot's rows as the batch of its sequence so far, positions 0..its last row, which is
         llama.cpp's own batch for a prompt fed at once."""
         token_ids, positions, slot_ids, logits_rows = self._validate(token_ids, positions, slot_ids, logits_rows, output)
-        if batch_spans is None:
-            shapes = row_shapes_by_group(slot_ids, positions)
-        else:
-            batch_spans = np.asarray(batch_spans, np.int64)
-            if batch_spans.shape != (positions.size, 2) or np.any(batch_spans[:, 0] > positions) or np.any(positions > batch_spans[:, 1]):
-                raise ValueError(f"batch_spans must be ({positions.size}, 2) [first, last] around each row's position")
-            shapes = row_shapes_by_span(positions, batch_spans)
+        shapes = _row_shapes(slot_ids, positions, batch_spans)  # (n,) int8, kernels/matmul_krows.py
         c, w = self.config, self.weights
         n, r = token_ids.shape[0], logits_rows.shape[0]
         act = self._scratch.rows(n)
@@ -159,6 +153,16 @@ class Model:
         next_norm = self.weights.layers[layer + 1].attn_norm if layer + 1 < c.n_layers else EMPTY
         residual_rmsnorm(act.x, act.delta, lw.post_ffn_norm, next_norm, self._eps, act.xn)
         return act
+
+
+def _row_shapes(slot_ids: np.ndarray, positions: np.ndarray, batch_spans) -> np.ndarray:
+    # the summation shape of each row (Model.forward's batch_spans), validated
+    if batch_spans is None:
+        return row_shapes_by_group(slot_ids, positions)
+    spans = np.asarray(batch_spans, np.int64)
+    if spans.shape != (positions.size, 2) or np.any(spans[:, 0] > positions) or np.any(positions > spans[:, 1]):
+        raise ValueError(f"batch_spans must be ({positions.size}, 2) [first, last] around each row's position")
+    return row_shapes_by_span(positions, spans)
 
 
 def load_model(g, n_slots: int, n_ctx: int, kv_dtype: str = "f16", repack: bool = True) -> Model:
