@@ -63,7 +63,7 @@ def q8_0_round_trip(x: np.ndarray) -> np.ndarray:
 
 @njit(cache=True)
 def quantize_q8_k(xf, n, k, xq, xd, xbs):
-    # x (n, k) f32 flat -> ggml's Q8_K: xq (n, k) int16 flat, xd (n, k/256) f32 scales and xbs
+    # x (n, k) f32 flat -> ggml's Q8_K: xq (n, k) int8 flat, xd (n, k/256) f32 scales and xbs
     # (n, k/16) int32 sums of each 16 values (ggml's bsums: Q4_K's minimums, Q6_K's offset). Per 256 values: max = the value
     # of largest |x| (first on ties); q = min(127, round-half-even(x * -127 / max)); d = 1 / (-127 / max).
     nb = k // 256
@@ -87,7 +87,7 @@ def quantize_q8_k(xf, n, k, xq, xd, xbs):
             else:
                 iscale = np.float32(-127.0) / vmax
                 for i in range(256):
-                    xq[o + i] = np.int16(min(np.float32(127.0), np.rint(iscale * xf[o + i])))
+                    xq[o + i] = np.int8(min(np.float32(127.0), np.rint(iscale * xf[o + i])))
                 xd[j * nb + b] = np.float32(1.0) / iscale
             for s in range(16):
                 total = np.int32(0)
@@ -100,7 +100,7 @@ def q8_k_round_trip(x: np.ndarray) -> np.ndarray:
     """x (n, k) f32 -> a new (n, k) f32 array: x rounded to Q8_K and back (the k-quant kernels'
     activations), for the BLAS prefill path."""
     n, k = x.shape
-    xq = np.empty(n * k, np.int16)
+    xq = np.empty(n * k, np.int8)
     xd = np.empty(n * (k // 256), np.float32)
     quantize_q8_k(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), n, k, xq, xd, np.empty(n * (k // 16), np.int32))
     return (xq.reshape(n, k // 256, 256) * xd.reshape(n, k // 256, 1)).reshape(n, k)

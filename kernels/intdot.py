@@ -1,16 +1,17 @@
 """Integer dot products of quantized weight blocks with 8-bit activations, as LLVM intrinsics.
 
-Owns the numba intrinsics the matvec kernels call on raw weight bytes and int16 activations
-(kernels/activations.py quantizes x; int8 for Q8_0, int16 for the k-quants): `dot_row_q8_0`,
-`dot_rows_q8_0` and `dot_row_q6_k` / `dot_row_q6_k_tiled`
+Owns the numba intrinsics the matvec kernels call on raw weight bytes and int8 activations
+(kernels/activations.py quantizes x): `dot_row_q8_0`, `dot_rows_q8_0`, `dot_row_q5_0` and
+`dot_row_q6_k` / `dot_row_q6_k_tiled`
 (a whole row, scaled per block and accumulated in f32 in exactly the shape of llama.cpp's AVX2
 kernels, so the result is llama.cpp's bit for bit), and `q4_k_block_isum`,
 `q4_k_block_pair_isums`, `q5_k_block_isum` (one k-quant super-block's integer sum, its
 sub-block scales applied in the vector).
 
 Why: a block's weight x activation products are then exact integers, equal in any summation
-order, and on AVX2 a dot is `vpmaddwd`, 16 multiply-adds per instruction. LLVM does not find
-`vpmaddwd` by itself in numba code (it emits `vpmulld`), hence the explicit IR. Measured on a
+order, and on AVX2 a dot is `vpmaddubsw` + `vpmaddwd` (32 int8 products in 2 instructions), the
+lanes landing exactly where ggml's do. LLVM does not find these by itself in numba code (it
+emits widening multiplies), hence the explicit IR. Measured on a
 Q8_0 (4864, 896) matvec on 2 cores: 36-42 GMAC/s for 4-8 x rows against 24-25 GMAC/s with the
 f32 kernel; one x row stays memory-bound (~26 GB/s with prefetching). Without AVX2 the same IR
 uses generic vector ops, which LLVM lowers for whatever the CPU has (same integers, and
@@ -29,7 +30,7 @@ from kernels.lanes import lane_sum_ir
 # Chosen once per process from the CPU numba compiles for; numba's cache is keyed by CPU too.
 HAS_AVX2 = bool(llvm_binding.get_host_cpu_features().get("avx2", False))
 I8, I16, I32, I64 = (ir.IntType(b) for b in (8, 16, 32, 64))
-V32I8, V16I16, V32I16 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I16, 32)
+V32I8, V16I16 = ir.VectorType(I8, 32), ir.VectorType(I16, 16)
 
 
 def _splat(builder, value, vector_type):
@@ -37,12 +38,6 @@ def _splat(builder, value, vector_type):
     undef = ir.Constant(vector_type, ir.Undefined)
     one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), None))
-
-
-def _half(builder, vector, which):
-    # lanes [16 * which, 16 * which + 16) of a 32-lane vector
-    mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), [16 * which + i for i in range(16)])
-    return builder.shuffle_vector(vector, vector, mask)
 
 
 def _load(builder, pointer, offset, vector_type, align):
@@ -54,34 +49,6 @@ def _pointer(context, builder, array_type, array, offset):
     return builder.gep(context.make_array(array_type)(context, builder, array).data, [offset])
 
 
-def _x_halves(builder, x_ptr):
-    # the 32 int16 activations at x_ptr as two <16 x i16>
-    return (_load(builder, x_ptr, None, V16I16, 2),
-            _load(builder, x_ptr, ir.Constant(I64, 16), V16I16, 2))
-
-
-def _madd16(builder, a16, x16):
-    # <8 x i32> pairwise products a[2i]*x[2i] + a[2i+1]*x[2i+1] of two <16 x i16>
-    if HAS_AVX2:
-        v8i32 = ir.VectorType(I32, 8)
-        madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [V16I16, V16I16]),
-                                              "llvm.x86.avx2.pmadd.wd")
-        return builder.call(madd, [a16, x16])
-    v16i32 = ir.VectorType(I32, 16)
-    products = builder.mul(builder.sext(a16, v16i32), builder.sext(x16, v16i32))
-    even = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2))))
-    odd = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(I32, 8), list(range(1, 16, 2))))
-    return builder.add(even, odd)
-
-
-def _madd32(builder, values, x_ptr):
-    # <8 x i32>: vpmaddwd of 32 int16 values (a <32 x i16>) with the 32 activations at x_ptr,
-    # the two halves' pairs added lane-wise
-    x_lo, x_hi = _x_halves(builder, x_ptr)
-    return builder.add(_madd16(builder, _half(builder, values, 0), x_lo),
-                       _madd16(builder, _half(builder, values, 1), x_hi))
-
-
 def _reduce_add(builder, vector):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I32, [vector.type]),
                                         f"llvm.vector.reduce.add.v{vector.type.count}i32")
@@ -91,22 +58,6 @@ def _reduce_add(builder, vector):
 def _bytes(builder, value):
     # <32 x i8> with the constant `value` in every lane
     return _splat(builder, ir.Constant(I8, value), V32I8)
-
-
-def _quads(builder, pairs_lo, pairs_hi):
-    # <8 x i32> lane j = pairs[2j] + pairs[2j + 1] of the 16 pair sums (pairs_lo, pairs_hi):
-    # the sum of elements 4j..4j+3 of a 32-value block, ggml's maddubs + madd(1) lane layout
-    even = builder.shuffle_vector(pairs_lo, pairs_hi, ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2))))
-    odd = builder.shuffle_vector(pairs_lo, pairs_hi, ir.Constant(ir.VectorType(I32, 8), list(range(1, 16, 2))))
-    return builder.add(even, odd)
-
-
-def _block_quads(builder, values, x_ptr):
-    # <8 x i32>: lane j = sum of values[i] * x[i] over i = 4j..4j+3 of 32 int16 values (a
-    # <32 x i16>) and the 32 activations at x_ptr
-    x_lo, x_hi = _x_halves(builder, x_ptr)
-    return _quads(builder, _madd16(builder, _half(builder, values, 0), x_lo),
-                  _madd16(builder, _half(builder, values, 1), x_hi))
 
 
 def _int8_quads(builder, w8, x8):
@@ -128,6 +79,26 @@ def _int8_quads(builder, w8, x8):
         part = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(I32, 8), list(range(c, 32, 4))))
         total = part if total is None else builder.add(total, part)
     return total
+
+
+def _scaled_u8_quads(builder, values, x8, scales16):
+    # <8 x i32>: lane j = scales16[2j] * (sum of values[i] * x8[i] over i = 4j..4j+3), for
+    # unsigned values (<= 63) and int8 activations x8 (<32 x i8> each; scales16 <16 x i16>, equal
+    # in each lane pair). ggml's k-quant shape on AVX2: vpmaddubsw (|pair| <= 2*63*127, no
+    # saturation), then vpmaddwd by the scales.
+    if HAS_AVX2:
+        v8i32 = ir.VectorType(I32, 8)
+        maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V16I16, [V32I8, V32I8]), "llvm.x86.avx2.pmadd.ub.sw")
+        madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [V16I16, V16I16]), "llvm.x86.avx2.pmadd.wd")
+        return builder.call(madd, [builder.call(maddubs, [values, x8]), scales16])
+    v32i32 = ir.VectorType(I32, 32)
+    products = builder.mul(builder.zext(values, v32i32), builder.sext(x8, v32i32))
+    total = None
+    for c in range(4):
+        part = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(I32, 8), list(range(c, 32, 4))))
+        total = part if total is None else builder.add(total, part)
+    lane_scales = builder.shuffle_vector(scales16, scales16, ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2))))
+    return builder.mul(total, builder.sext(lane_scales, ir.VectorType(I32, 8)))
 
 
 def _fma8(builder, a, b, c):
@@ -154,9 +125,9 @@ def _q5_0_values(builder, block):
 
 
 def _q8_0_rows_codegen(n_rows, q5_0=False):
-    # codegen for dot_row_q8_0 (n_rows=1) and dot_rows_q8_0 (n_rows=2; args[2] is the byte
-    # stride of the second row): each row its own accumulator, in one loop over the blocks;
-    # q5_0: the rows are Q5_0 blocks (22 bytes), unpacked to int8 in registers
+    # codegen for dot_row_q8_0 / dot_row_q5_0 (n_rows=1) and dot_rows_q8_0 (n_rows=2; args[2]
+    # is the byte stride of the second row): each row its own accumulator, in one loop over the
+    # blocks; q5_0: the rows are Q5_0 blocks (22 bytes), unpacked to int8 in registers
     block_bytes = 22 if q5_0 else 34
 
     def codegen(context, builder, signature, args):
@@ -208,8 +179,9 @@ def dot_row_q8_0(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block):
 @intrinsic
 def dot_rows_q8_0(typingctx, w, w_offset, row_stride, n_blocks, lut, xq, xd, x_block):
     """(dot_row_q8_0 of the row at w_offset, of the row at w_offset + row_stride), same bits, in
-    one loop: the two fma chains interleave, so the 4-cycle latency of each block's fma no
-    longer bounds the loop (one chain per call ran ~20% slower than the streaming rate)."""
+    one loop whose two fma chains overlap: for rows already in L1 (the Q5_0 kernel's widened
+    scratch). Rows streamed from memory take dot_row_q8_0 one at a time: two interleaved
+    streams measured ~10% slower there."""
     if not all(isinstance(a, types.Array) for a in (w, lut, xq, xd)):
         return None
     return (types.UniTuple(types.float32, 2)(w, w_offset, row_stride, n_blocks, lut, xq, xd, x_block),
@@ -217,20 +189,17 @@ def dot_rows_q8_0(typingctx, w, w_offset, row_stride, n_blocks, lut, xq, xd, x_b
 
 
 @intrinsic
-def dot_rows_q5_0(typingctx, w, w_offset, row_stride, n_blocks, lut, xq, xd, x_block):
-    """dot_rows_q8_0 for two Q5_0 rows: each block's 5-bit values are unpacked to int8 in
-    registers (22 bytes read per 32 weights instead of the widened Q8_0's 34). The values and
-    scales are the Q8_0 widening's, so the bits are too (and llama.cpp's Q5_0 dot's)."""
+def dot_row_q5_0(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block):
+    """dot_row_q8_0 for one Q5_0 row, its 5-bit values unpacked to int8 in registers."""
     if not all(isinstance(a, types.Array) for a in (w, lut, xq, xd)):
         return None
-    return (types.UniTuple(types.float32, 2)(w, w_offset, row_stride, n_blocks, lut, xq, xd, x_block),
-            _q8_0_rows_codegen(2, q5_0=True))
+    return types.float32(w, w_offset, n_blocks, lut, xq, xd, x_block), _q8_0_rows_codegen(1, q5_0=True)
 
 
 @intrinsic
 def widen_q5_0_blocks(typingctx, w, w_offset, n_blocks, dst):
     """dst[:34 * n_blocks] (uint8) <- the n_blocks Q5_0 blocks at w[w_offset:] rewritten as Q8_0
-    blocks (the same f16 d, the values as int8), unpacked with the vector code of dot_rows_q5_0:
+    blocks (the same f16 d, the values as int8), unpacked with the vector code of dot_row_q5_0:
     a kernel dotting one weight row with several x rows unpacks it once into L1 this way."""
     if not (isinstance(w, types.Array) and isinstance(dst, types.Array)):
         return None
@@ -273,10 +242,8 @@ def _q4_q5_k_codegen(has_fifth_bits, pair_sums=False):
                 if has_fifth_bits:  # bit s of qh[l] is the fifth bit of value 32 s + l
                     fifth = builder.and_(builder.lshr(high_bits, _bytes(builder, s)), _bytes(builder, 1))
                     values = builder.or_(values, builder.shl(fifth, _bytes(builder, 4)))
-                # scale (6 bits) x value (<= 5 bits) < 2^11 fits the int16 lanes: one 16-lane
-                # multiply before vpmaddwd instead of two 8-lane int32 multiplies after it
-                scaled = builder.mul(builder.zext(values, V32I16), _splat(builder, scale[s], V32I16))
-                part = _madd32(builder, scaled, builder.gep(x_ptr, [ir.Constant(I64, 32 * s)]))
+                x8 = _load(builder, builder.gep(x_ptr, [ir.Constant(I64, 32 * s)]), None, V32I8, 1)
+                part = _scaled_u8_quads(builder, values, x8, _splat(builder, scale[s], V16I16))
                 total = part if total is None else builder.add(total, part)
             if pair_sums:
                 builder.store(_reduce_add(builder, total), builder.gep(pairs, [ir.Constant(I64, g)]))
@@ -334,7 +301,8 @@ def _q6_k_row_codegen(tiled):
             b = loop.index
             block = builder.gep(w_row, [builder.mul(b, ir.Constant(I64, 210))])
             x_ptr = builder.gep(x_row, [builder.mul(b, ir.Constant(I64, 256))])
-            scales = builder.sext(_load(builder, block, ir.Constant(I64, 192), ir.VectorType(I8, 16), 1), v16i32)
+            scale_bytes = _load(builder, block, ir.Constant(I64, 192), ir.VectorType(I8, 16), 1)
+            scales, scales16 = builder.sext(scale_bytes, v16i32), builder.sext(scale_bytes, V16I16)
             lanes = None
             for half in range(2):
                 qh = _load(builder, block, ir.Constant(I64, 128 + 32 * half), V32I8, 1)
@@ -344,9 +312,9 @@ def _q6_k_row_codegen(tiled):
                     high = builder.and_(builder.lshr(qh, _bytes(builder, 2 * g)), _bytes(builder, 3))
                     q = builder.or_(low, builder.shl(high, _bytes(builder, 4)))  # [0, 63]
                     chunk = 4 * half + g  # values 32 chunk + i; scales 2 chunk (i < 16), 2 chunk + 1
-                    quads = _block_quads(builder, builder.zext(q, V32I16), builder.gep(x_ptr, [ir.Constant(I64, 32 * chunk)]))
-                    scale = builder.shuffle_vector(scales, scales, ir.Constant(v8i32, [2 * chunk] * 4 + [2 * chunk + 1] * 4))
-                    part = builder.mul(quads, scale)
+                    x8 = _load(builder, builder.gep(x_ptr, [ir.Constant(I64, 32 * chunk)]), None, V32I8, 1)
+                    scale = builder.shuffle_vector(scales16, scales16, ir.Constant(ir.VectorType(I32, 16), [2 * chunk] * 8 + [2 * chunk + 1] * 8))
+                    part = _scaled_u8_quads(builder, q, x8, scale)
                     lanes = part if lanes is None else builder.add(lanes, part)
             # the -32 offset of the values: 32 * sc * (sum of 16 x) per 16-value group, lane j
             # taking groups 2j and 2j + 1

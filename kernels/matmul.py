@@ -154,9 +154,9 @@ def _fused(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray], shapes:
     if needs_q8_0:  # (n, k) int8 values, (n, k/32) scales
         xq, xd = np.empty(n * k, np.int8), np.empty(n * (k // 32), np.float32)
         quantize_q8_0(xf, n, k, xq, xd)
-    xqk, xdk, xbs = np.empty(0, np.int16), np.empty(0, np.float32), np.empty(0, np.int32)
-    if needs_q8_k:  # (n, k) int16 values, (n, k/256) scales, (n, k/16) int sums
-        xqk, xdk, xbs = np.empty(n * k, np.int16), np.empty(n * (k // 256), np.float32), np.empty(n * (k // 16), np.int32)
+    xqk, xdk, xbs = np.empty(0, np.int8), np.empty(0, np.float32), np.empty(0, np.int32)
+    if needs_q8_k:  # (n, k) int8 values, (n, k/256) scales, (n, k/16) int sums
+        xqk, xdk, xbs = np.empty(n * k, np.int8), np.empty(n * (k // 256), np.float32), np.empty(n * (k // 16), np.int32)
         quantize_q8_k(xf, n, k, xqk, xdk, xbs)
     us = [w.data for w in ws]
     while len(us) < 3:  # unused slots get any valid array of the same numba type

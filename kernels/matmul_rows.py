@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.intdot import dot_rows_q5_0, dot_rows_q8_0, widen_q5_0_blocks
+from kernels.intdot import dot_row_q5_0, dot_row_q8_0, dot_rows_q8_0, widen_q5_0_blocks
 from kernels.prefetch import prefetch_ahead
 from kernels.quant import deq_range
 
@@ -32,44 +32,42 @@ U = np.uint64
 @njit(cache=True)
 def rows_q8_0(u8, lut, m, k, xq, xd, n, out, r0, r1):
     # W Q8_0 (m, k): block = f16 d, 32 x int8, times x quantized to Q8_0 (kernels/activations.py):
-    # xq (n, k) int8 flat, xd (n, k/32) f32 flat. Two weight rows against each x row in turn
-    # through dot_rows_q8_0 (exact integer block sums, llama.cpp's f32 accumulation), so a row's
-    # bits never depend on n. The next rows are prefetched two rows at a time.
+    # xq (n, k) int8 flat, xd (n, k/32) f32 flat. One weight row against each x row in turn
+    # through dot_row_q8_0 (exact integer block sums, llama.cpp's f32 accumulation), so a row's
+    # bits never depend on n. The next rows are prefetched a row at a time.
     nb = k // 32
     row_bytes = nb * 34
-    for r in range(r0, r1, 2):
+    for r in range(r0, r1):
         o = r * row_bytes
-        second = row_bytes if r + 1 < m else 0  # a last odd row is read twice, stored once
-        prefetch_ahead(u8, o, (2 * row_bytes + 63) // 64)  # the 2 rows PREFETCH_DISTANCE ahead
+        prefetch_ahead(u8, o, (row_bytes + 63) // 64)  # the row PREFETCH_DISTANCE ahead
         for j in range(n):
-            a, b = dot_rows_q8_0(u8, U(o), U(second), nb, lut, xq, xd, U(j * nb))
-            out[j * m + r] = a
-            if r + 1 < m:
-                out[j * m + r + 1] = b
+            out[j * m + r] = dot_row_q8_0(u8, U(o), nb, lut, xq, xd, U(j * nb))
 
 
 @njit(cache=True)
 def rows_q5_0_int(u8, lut, m, k, xq, xd, n, out, r0, r1):
     # W Q5_0 (m, k): block = f16 d, u32 qh (fifth bits), 16 bytes of nibbles, times x quantized
-    # to Q8_0 as rows_q8_0 does, through dot_rows_q5_0 (same bits as the widened Q8_0 rows).
-    # One x row: dot the packed blocks directly (decode is memory-bound: 22 bytes per 32
-    # weights instead of 34). Several: widen the 2 rows to Q8_0 in an L1 scratch once, then dot
-    # that with each x row (unpacking per x row made 4 rows 1.3x slower than widened weights).
+    # to Q8_0 as rows_q8_0 does (same bits as the widened Q8_0 rows). One x row: dot_row_q5_0
+    # on the packed blocks (decode is memory-bound: 22 bytes per 32 weights instead of 34).
+    # Several: widen 2 rows to Q8_0 in an L1 scratch once, then dot_rows_q8_0 that with each x
+    # row (unpacking per x row made 4 rows 1.3x slower than widened weights).
     nb = k // 32
     row_bytes = nb * 22
     scratch = np.empty(2 * nb * 34, np.uint8)
+    if n == 1:
+        for r in range(r0, r1):
+            o = r * row_bytes
+            prefetch_ahead(u8, o, (row_bytes + 63) // 64)  # the row PREFETCH_DISTANCE ahead
+            out[r] = dot_row_q5_0(u8, U(o), nb, lut, xq, xd, U(0))
+        return
     for r in range(r0, r1, 2):
         o = r * row_bytes
         second = row_bytes if r + 1 < m else 0  # a last odd row is read twice, stored once
         prefetch_ahead(u8, o, (2 * row_bytes + 63) // 64)  # the 2 rows PREFETCH_DISTANCE ahead
-        if n > 1:
-            widen_q5_0_blocks(u8, U(o), nb, scratch)
-            widen_q5_0_blocks(u8, U(o + second), nb, scratch[nb * 34:])
+        widen_q5_0_blocks(u8, U(o), nb, scratch)
+        widen_q5_0_blocks(u8, U(o + second), nb, scratch[nb * 34:])
         for j in range(n):
-            if n > 1:
-                a, b = dot_rows_q8_0(scratch, U(0), U(nb * 34), nb, lut, xq, xd, U(j * nb))
-            else:
-                a, b = dot_rows_q5_0(u8, U(o), U(second), nb, lut, xq, xd, U(j * nb))
+            a, b = dot_rows_q8_0(scratch, U(0), U(nb * 34), nb, lut, xq, xd, U(j * nb))
             out[j * m + r] = a
             if r + 1 < m:
                 out[j * m + r + 1] = b

@@ -10,7 +10,7 @@ Why: a Q4_0 matvec is compute-bound unpacking nibbles with the f32 kernel, while
 memory-bound (~23-26 GB/s of weights on 2 cores with prefetching and integer dots). llama.cpp
 repacks for the same reason (its CPU "repack" buffers); `--no-repack` keeps every weight in the
 memory-mapped file. Q5_0 is no longer widened at load: its integer kernel unpacks the 5-bit
-values in registers (kernels/intdot.py dot_rows_q5_0) and streams 22 bytes per 32 weights
+values in registers (kernels/intdot.py dot_row_q5_0) and streams 22 bytes per 32 weights
 instead of 34, ~15-20% faster per decode step; widen_q5_0_blocks makes the same Q8_0 copy
 of two rows in L1 for batches. widen_to_q8_0 still accepts Q5_0 (tests compare against it).
 """

@@ -136,7 +136,7 @@ def test_quantize_q8_k_matches_ggml_and_sums_each_16():
     x[1, 300] = -50.0  # a negative extreme: iscale = -127 / -50 > 0, that value -> -127
     x[2, 10] = 60.0  # a positive extreme: the scale is negative and that value -> -127
     n, k = x.shape
-    xq, xd, xbs = np.empty(n * k, np.int16), np.empty(n * k // 256, np.float32), np.empty(n * k // 16, np.int32)
+    xq, xd, xbs = np.empty(n * k, np.int8), np.empty(n * k // 256, np.float32), np.empty(n * k // 16, np.int32)
     quantize_q8_k(x.reshape(-1), n, k, xq, xd, xbs)
     expected_q, expected_d = ggml_quantize_q8_k(x)
     np.testing.assert_array_equal(xq.reshape(n, k), expected_q)
@@ -200,7 +200,7 @@ def test_k_quant_super_block_sums_are_exact_at_the_extremes():
         q5 = rng.integers(0, 256, 176, dtype=np.uint8)
         q6 = rng.integers(0, 256, 210, dtype=np.uint8)
         scales = rng.integers(0, 64, 8).astype(np.int32)
-        xq = rng.integers(-127, 128, 256).astype(np.int16)
+        xq = rng.integers(-127, 128, 256).astype(np.int8)
         if trial == 0:  # largest magnitudes: every product at its bound (Q6_K's sum stays < 2^24)
             q4[16:] = 0xFF
             q5[16:] = 0xFF  # every value 31
@@ -262,7 +262,7 @@ def test_q6_k_row_dots_have_ggml_avx2_bits():
         w = rng.integers(0, 256, (n_blocks, 210), dtype=np.uint8)
         w[:, 192:208] = rng.integers(-128, 128, (n_blocks, 16)).astype(np.int8).view(np.uint8)
         w[:, 208:210] = (rng.uniform(0.5, 2.0, n_blocks) * 1e-3).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
-        xq = rng.integers(-127, 128, (n_blocks, 256)).astype(np.int16)
+        xq = rng.integers(-127, 128, (n_blocks, 256)).astype(np.int8)
         xd = rng.uniform(0.01, 0.1, n_blocks).astype(np.float32)
         out = np.empty(2, np.float32)
         _q6_dots(w.reshape(-1), n_blocks, f16_table(), xq.reshape(-1), xd, _bsums16(xq.reshape(-1)), out)
@@ -290,8 +290,8 @@ def test_portable_ir_without_avx2_gives_the_same_integers(monkeypatch):
     rng = np.random.default_rng(8)
     w = rng.integers(0, 256, 256, dtype=np.uint8)
     w[:102].reshape(3, 34)[:, :2] = np.array([0.01], np.float16).view(np.uint8)
-    xq = rng.integers(-127, 128, 256).astype(np.int16)
-    xq8 = xq[:96].astype(np.int8)
+    xq = rng.integers(-127, 128, 256).astype(np.int8)
+    xq8 = xq[:96].copy()
     xd = np.array([0.5, 0.25, 0.125], np.float32)
     scales = rng.integers(0, 64, 8).astype(np.int32)
     native, portable = np.empty(3, np.int32), np.empty(3, np.int32)
