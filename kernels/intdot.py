@@ -60,20 +60,14 @@ def _bytes(builder, value):
     return _splat(builder, ir.Constant(I8, value), V32I8)
 
 
-def _int8_quads(builder, w8, x8):
-    # <8 x i32>: lane j = sum of w8[i] * x8[i] over i = 4j..4j+3 of two <32 x i8>, ggml's own
-    # way on AVX2: vpsignb moves w's sign onto x, vpmaddubsw multiplies |w| by it in adjacent
-    # pairs (|w| <= 128, |x| <= 127: no saturation), vpmaddwd by ones adds adjacent pairs. No
-    # lane-crossing shuffles, which the int16 route needed.
-    if HAS_AVX2:
-        v8i32 = ir.VectorType(I32, 8)
-        sign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V32I8, [V32I8, V32I8]), "llvm.x86.avx2.psign.b")
-        maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V16I16, [V32I8, V32I8]), "llvm.x86.avx2.pmadd.ub.sw")
-        madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [V16I16, V16I16]), "llvm.x86.avx2.pmadd.wd")
-        pairs = builder.call(maddubs, [builder.call(sign, [w8, w8]), builder.call(sign, [x8, w8])])
-        return builder.call(madd, [pairs, ir.Constant(V16I16, [1] * 16)])
-    v32i32 = ir.VectorType(I32, 32)
-    products = builder.mul(builder.sext(w8, v32i32), builder.sext(x8, v32i32))
+def _avx2(builder, name, result, operands):
+    # declaration of the AVX2 intrinsic `name` returning `result` from `operands` vector types
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, operands), f"llvm.x86.avx2.{name}")
+
+
+def _portable_quads(builder, w32, x32):
+    # <8 x i32> sums of 4 consecutive products of two <32 x i32>: the generic-IR fallback
+    products = builder.mul(w32, x32)
     total = None
     for c in range(4):
         part = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(I32, 8), list(range(c, 32, 4))))
@@ -81,24 +75,33 @@ def _int8_quads(builder, w8, x8):
     return total
 
 
+def _int8_quads(builder, w8, x8):
+    # <8 x i32>: lane j = sum of w8[i] * x8[i] over i = 4j..4j+3 of two <32 x i8>, ggml's own
+    # way on AVX2: vpsignb moves w's sign onto x, vpmaddubsw multiplies |w| by it in adjacent
+    # pairs (|w| <= 128, |x| <= 127: no saturation), vpmaddwd by ones adds adjacent pairs. No
+    # lane-crossing shuffles, which the int16 route needed.
+    v32i32 = ir.VectorType(I32, 32)
+    if not HAS_AVX2:
+        return _portable_quads(builder, builder.sext(w8, v32i32), builder.sext(x8, v32i32))
+    sign = _avx2(builder, "psign.b", V32I8, [V32I8, V32I8])
+    pairs = builder.call(_avx2(builder, "pmadd.ub.sw", V16I16, [V32I8, V32I8]),
+                         [builder.call(sign, [w8, w8]), builder.call(sign, [x8, w8])])
+    return builder.call(_avx2(builder, "pmadd.wd", ir.VectorType(I32, 8), [V16I16, V16I16]),
+                        [pairs, ir.Constant(V16I16, [1] * 16)])
+
+
 def _scaled_u8_quads(builder, values, x8, scales16):
     # <8 x i32>: lane j = scales16[2j] * (sum of values[i] * x8[i] over i = 4j..4j+3), for
     # unsigned values (<= 63) and int8 activations x8 (<32 x i8> each; scales16 <16 x i16>, equal
     # in each lane pair). ggml's k-quant shape on AVX2: vpmaddubsw (|pair| <= 2*63*127, no
     # saturation), then vpmaddwd by the scales.
-    if HAS_AVX2:
-        v8i32 = ir.VectorType(I32, 8)
-        maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V16I16, [V32I8, V32I8]), "llvm.x86.avx2.pmadd.ub.sw")
-        madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [V16I16, V16I16]), "llvm.x86.avx2.pmadd.wd")
-        return builder.call(madd, [builder.call(maddubs, [values, x8]), scales16])
-    v32i32 = ir.VectorType(I32, 32)
-    products = builder.mul(builder.zext(values, v32i32), builder.sext(x8, v32i32))
-    total = None
-    for c in range(4):
-        part = builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(I32, 8), list(range(c, 32, 4))))
-        total = part if total is None else builder.add(total, part)
-    lane_scales = builder.shuffle_vector(scales16, scales16, ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2))))
-    return builder.mul(total, builder.sext(lane_scales, ir.VectorType(I32, 8)))
+    v8i32, v32i32 = ir.VectorType(I32, 8), ir.VectorType(I32, 32)
+    if not HAS_AVX2:
+        quads = _portable_quads(builder, builder.zext(values, v32i32), builder.sext(x8, v32i32))
+        lane_scales = builder.shuffle_vector(scales16, scales16, ir.Constant(v8i32, list(range(0, 16, 2))))
+        return builder.mul(quads, builder.sext(lane_scales, v8i32))
+    pairs = builder.call(_avx2(builder, "pmadd.ub.sw", V16I16, [V32I8, V32I8]), [values, x8])
+    return builder.call(_avx2(builder, "pmadd.wd", v8i32, [V16I16, V16I16]), [pairs, scales16])
 
 
 def _fma8(builder, a, b, c):
