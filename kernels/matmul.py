@@ -91,7 +91,7 @@ def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xqk, xd
     elif ggml_type == 12:
         rows_q4_k(u8, lut, m, k, xqk, xdk, xbs, shapes, n, out, r0, r1)
     elif ggml_type == 13:
-        rows_q5_k(u8, lut, m, k, xqk, xdk, xbs, n, out, r0, r1)
+        rows_q5_k(u8, lut, m, k, xqk, xdk, xbs, shapes, n, out, r0, r1)
     elif ggml_type == 14:
         rows_q6_k(u8, lut, m, k, xqk, xdk, xbs, shapes, n, out, r0, r1)
     else:

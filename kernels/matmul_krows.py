@@ -1,8 +1,8 @@
 """Row-group matvec kernels for the k-quants of Q4_K_M / Q5_K_M models: Q4_K, Q5_K and Q6_K.
 
 As llama.cpp does, x is quantized to Q8_K first (kernels/activations.py) and each 256-value
-super-block's weight x activation products are exact integer sums (vpmaddwd on AVX2). Q4_K's
-per-sub-block minimum uses the int sums of x's 16-value groups:
+super-block's weight x activation products are exact integer sums (vpmaddubsw + vpmaddwd on
+AVX2). Q4_K's per-sub-block minimum uses the int sums of x's 16-value groups:
 sum_l (d*sc*q_l - dmin*mn) * x_l = d*sc*sum_l q_l*x_l - dmin*mn*sum_l x_l.
 
 Q4_K and Q6_K then add the integer parts in f32 in exactly the shape llama.cpp's AVX2 build
@@ -19,7 +19,7 @@ Q5_K keeps one f32 sum per row (llama.cpp's Q5_K dot has yet another shape, not 
 Tail rows are clamped to m-1 and not stored; the j (x row) loop is outermost around an
 identical body, so a row's bits depend only on its own x row and its shape flags.
 
-Shapes: u8 raw bytes of W (m, k); xq = x (n, k) as Q8_K int16 values, flattened; xd = (n, k/256)
+Shapes: u8 raw bytes of W (m, k); xq = x (n, k) as Q8_K int8 values, flattened; xd = (n, k/256)
 scales; xbs = (n, k/16) int32 sums of xq; shapes = (n,) int8 flags; out = (n, m) flattened.
 """
 from __future__ import annotations
@@ -87,13 +87,25 @@ def _q4k_block(u8, lut, o, xq, xo, dx, xbs, so, quad, scales, mins, pairs, acc, 
     return acc, acc_min
 
 
-@njit(cache=True)
-def rows_q4_k(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1):
-    # W Q4_K (m, k): super-block = d, dmin, 12 scale bytes, 128 bytes of nibbles, times x as
-    # Q8_K (xq (n, k) int16, xd (n, k/256) f32, xbs (n, k/16) int32 sums; kernels/activations.py).
-    # Two W rows per pass, their block bytes prefetched ahead.
+@njit(cache=True, inline="always")
+def _q5k_block(u8, lut, o, xq, xo, dx, xbs, so, quad, scales, mins, pairs, acc, acc_min):
+    # (acc + dx * (d * isum - dmin * imin), acc_min) for the Q5_K super-block at byte o against
+    # 256 Q8_K values at xo: one plain f32 row sum (acc_min stays 0; quad and pairs go unused),
+    # called like _q4k_block so both types share _rows
+    _unpack_scales(u8, o, scales, mins)
+    isum = q5_k_block_isum(u8, U(o), scales, xq, U(xo))
+    value = _f16(u8, lut, o) * np.float32(isum) - _f16(u8, lut, o + 2) * np.float32(_imin(mins, xbs, so, 0, 8))
+    return acc + dx * value, acc_min
+
+
+@njit(cache=True, inline="always")
+def _rows(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1, ggml_type):
+    # Two W rows per pass, their block bytes prefetched ahead; each row's (acc, acc_min) pair from
+    # the type's block function, output acc - acc_min. ggml_type is a literal from the wrappers
+    # below, so the branches fold away.
+    block_bytes = 176 if ggml_type == 13 else 144
     nb = k // 256
-    row_bytes = nb * 144
+    row_bytes = nb * block_bytes
     scales, mins, pairs = np.empty(8, np.int32), np.empty(8, np.int32), np.empty(4, np.int32)
     for r in range(r0, r1, 2):
         oa = r * row_bytes
@@ -102,49 +114,34 @@ def rows_q4_k(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1):
             a0 = a1 = b0 = b1 = np.float32(0.0)
             quad = (shapes[j] & QUAD) != 0
             for b in range(nb):
-                bo = b * 144
-                prefetch_ahead(u8, oa + 2 * bo, 5)  # 2 rows' block bytes
+                bo = b * block_bytes
+                prefetch_ahead(u8, oa + 2 * bo, (2 * block_bytes + 63) // 64)  # 2 rows' block bytes
                 xo = j * k + b * 256
                 dx = xd[j * nb + b]
                 so = j * (k // 16) + b * 16
-                a0, a1 = _q4k_block(u8, lut, oa + bo, xq, xo, dx, xbs, so, quad, scales, mins, pairs, a0, a1)
-                b0, b1 = _q4k_block(u8, lut, ob + bo, xq, xo, dx, xbs, so, quad, scales, mins, pairs, b0, b1)
+                if ggml_type == 13:
+                    a0, a1 = _q5k_block(u8, lut, oa + bo, xq, xo, dx, xbs, so, quad, scales, mins, pairs, a0, a1)
+                    b0, b1 = _q5k_block(u8, lut, ob + bo, xq, xo, dx, xbs, so, quad, scales, mins, pairs, b0, b1)
+                else:
+                    a0, a1 = _q4k_block(u8, lut, oa + bo, xq, xo, dx, xbs, so, quad, scales, mins, pairs, a0, a1)
+                    b0, b1 = _q4k_block(u8, lut, ob + bo, xq, xo, dx, xbs, so, quad, scales, mins, pairs, b0, b1)
             out[j * m + r] = a0 - a1
             if r + 1 < m:
                 out[j * m + r + 1] = b0 - b1
 
 
-@njit(cache=True, inline="always")
-def _q5k_block(u8, lut, o, xq, xo, xbs, so, scales, mins):
-    # d * isum - dmin * imin for the Q5_K super-block at byte o against 256 Q8_K values at xo
-    _unpack_scales(u8, o, scales, mins)
-    isum = q5_k_block_isum(u8, U(o), scales, xq, U(xo))
-    return _f16(u8, lut, o) * np.float32(isum) - _f16(u8, lut, o + 2) * np.float32(_imin(mins, xbs, so, 0, 8))
+@njit(cache=True)
+def rows_q4_k(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1):
+    # W Q4_K (m, k): super-block = d, dmin, 12 scale bytes, 128 bytes of nibbles, times x as
+    # Q8_K (xq (n, k) int8, xd (n, k/256) f32, xbs (n, k/16) int32 sums; kernels/activations.py).
+    _rows(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1, 12)
 
 
 @njit(cache=True)
-def rows_q5_k(u8, lut, m, k, xq, xd, xbs, n, out, r0, r1):
+def rows_q5_k(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1):
     # W Q5_K (m, k): super-block = d, dmin, 12 scale bytes, qh[32] (fifth bits), 128 bytes of
-    # nibbles, times x as Q8_K (as rows_q4_k). Row sum in f32 without fastmath, two rows per pass.
-    nb = k // 256
-    row_bytes = nb * 176
-    scales, mins = np.empty(8, np.int32), np.empty(8, np.int32)
-    for r in range(r0, r1, 2):
-        oa = r * row_bytes
-        ob = min(r + 1, m - 1) * row_bytes
-        for j in range(n):
-            s0 = s1 = np.float32(0.0)
-            for b in range(nb):
-                bo = b * 176
-                prefetch_ahead(u8, oa + 2 * bo, 6)  # 2 rows' block bytes
-                xo = j * k + b * 256
-                dx = xd[j * nb + b]
-                so = j * (k // 16) + b * 16
-                s0 += dx * _q5k_block(u8, lut, oa + bo, xq, xo, xbs, so, scales, mins)
-                s1 += dx * _q5k_block(u8, lut, ob + bo, xq, xo, xbs, so, scales, mins)
-            out[j * m + r] = s0
-            if r + 1 < m:
-                out[j * m + r + 1] = s1
+    # nibbles, times x as Q8_K (as rows_q4_k). Row sum in f32 without fastmath; shapes unused.
+    _rows(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1, 13)
 
 
 @njit(cache=True)
