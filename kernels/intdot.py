@@ -25,7 +25,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels.lanes import lane_sum_ir
+from kernels.lanes import fma_ir, lane_sum_ir
 
 # Chosen once per process from the CPU numba compiles for; numba's cache is keyed by CPU too.
 HAS_AVX2 = bool(llvm_binding.get_host_cpu_features().get("avx2", False))
@@ -104,13 +104,6 @@ def _scaled_u8_quads(builder, values, x8, scales16):
     return builder.call(_avx2(builder, "pmadd.wd", v8i32, [V16I16, V16I16]), [pairs, scales16])
 
 
-def _fma8(builder, a, b, c):
-    # <8 x float> a * b + c, each lane rounded once (vfmadd231ps)
-    v8f32 = ir.VectorType(ir.FloatType(), 8)
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f32, [v8f32] * 3), "llvm.fma.v8f32")
-    return builder.call(fn, [a, b, c])
-
-
 def _q5_0_values(builder, block):
     # <32 x i8> the values (-16..15) of the Q5_0 block at `block` (f16 d, u32 qh, 16 bytes qs):
     # value i has low 4 bits in qs[i % 16] (low nibble for i < 16, high for i >= 16) and its
@@ -156,7 +149,7 @@ def _q8_0_rows_codegen(n_rows, q5_0=False):
                 scale = builder.fmul(builder.load(builder.gep(lut, [builder.zext(d_bits, I64)])), d_x)
                 values = _q5_0_values(builder, block) if q5_0 else _load(builder, block, ir.Constant(I64, 2), V32I8, 1)
                 quads = _int8_quads(builder, values, x_values)
-                builder.store(_fma8(builder, _splat(builder, scale, v8f32), builder.sitofp(quads, v8f32),
+                builder.store(fma_ir(builder, _splat(builder, scale, v8f32), builder.sitofp(quads, v8f32),
                                     builder.load(accumulator)), accumulator)
         sums = [lane_sum_ir(builder, builder.load(a)) for a in accumulators]
         return sums[0] if n_rows == 1 else context.make_tuple(builder, signature.return_type, sums)
@@ -330,11 +323,10 @@ def _q6_k_row_codegen(tiled):
             d_w = builder.load(builder.gep(lut, [builder.zext(d_bits, I64)]))
             d_x = builder.load(builder.gep(d_row, [b]))
             if tiled:
-                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
                 scaled = builder.fmul(d_w, builder.sitofp(_reduce_add(builder, lanes), f32))
-                builder.store(builder.call(fma, [scaled, d_x, builder.load(accumulator)]), accumulator)
+                builder.store(fma_ir(builder, scaled, d_x, builder.load(accumulator)), accumulator)
             else:
-                builder.store(_fma8(builder, _splat(builder, builder.fmul(d_x, d_w), v8f32), builder.sitofp(lanes, v8f32),
+                builder.store(fma_ir(builder, _splat(builder, builder.fmul(d_x, d_w), v8f32), builder.sitofp(lanes, v8f32),
                                     builder.load(accumulator)), accumulator)
         if tiled:
             return builder.load(accumulator)

@@ -1,4 +1,5 @@
-"""8-lane f32 accumulation in the shape of ggml's AVX2 code: `fma` and `lane_sum`.
+"""8-lane f32 accumulation in the shape of ggml's AVX2 code: `fma`, `lane_dot` and `lane_sum`
+(numba), and `fma_ir`, `lane_sum_ir` (LLVM IR, for kernels/intdot.py).
 
 llama.cpp's x86 kernels keep a dot product in 8 f32 lanes, add each term with one fused
 multiply-add (a*b + c rounded once) and end with a fixed horizontal sum. Reproducing that
@@ -15,6 +16,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
+def fma_ir(builder, a, b, c):
+    """a * b + c rounded once, for f32 scalars or <8 x float> vectors alike (llvm.fma)."""
+    kind = "v8f32" if isinstance(a.type, ir.VectorType) else "f32"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), f"llvm.fma.{kind}")
+    return builder.call(fn, [a, b, c])
+
+
 @intrinsic
 def fma(typingctx, a, b, c):
     """f32 a * b + c rounded once (llvm.fma: one vfmadd on CPUs with FMA, exact in software
@@ -23,9 +31,7 @@ def fma(typingctx, a, b, c):
         return None
 
     def codegen(context, builder, signature, args):
-        f32 = ir.FloatType()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32")
-        return builder.call(fn, args)
+        return fma_ir(builder, *args)
 
     return types.float32(a, b, c), codegen
 
@@ -41,7 +47,6 @@ def lane_dot(typingctx, a, b, n_steps):
 
     def codegen(context, builder, signature, args):
         v8f32 = ir.VectorType(ir.FloatType(), 8)
-        fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f32, [v8f32] * 3), "llvm.fma.v8f32")
         pointers = [builder.bitcast(context.make_array(t)(context, builder, v).data, v8f32.as_pointer())
                     for t, v in zip(signature.args[:2], args[:2])]
         steps = args[2]
@@ -49,7 +54,7 @@ def lane_dot(typingctx, a, b, n_steps):
         accumulator = cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8))
         with cgutils.for_range(builder, steps) as loop:
             x, y = (builder.load(builder.gep(p, [loop.index]), align=4) for p in pointers)
-            builder.store(builder.call(fma8, [x, y, builder.load(accumulator)]), accumulator)
+            builder.store(fma_ir(builder, x, y, builder.load(accumulator)), accumulator)
         return lane_sum_ir(builder, builder.load(accumulator))
 
     return types.float32(a, b, n_steps), codegen
