@@ -37,6 +37,7 @@ from kernels.quant import (Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, TYPE_NAMES, as_bytes, b
 
 K_QUANTS_Q8_K = (Q4_K, Q5_K, Q6_K)  # types whose kernels take x rounded to Q8_K
 Q8_0_ACTIVATIONS = (Q8_0, Q5_0)  # types whose kernels take x rounded to Q8_0
+AS_Q8_0, AS_Q8_K = 1, 2  # _run_tasks' `activations` bits: the roundings of x a call needs
 BLAS_MIN_ROWS = 32  # n at which matmul switches from the fused kernels to tile dequant + sgemm
 _TASK_BYTES = 48 * 1024  # weight bytes per parallel task: small enough to balance 2 threads
 _TILE_BYTES = 32 * 1024 * 1024  # f32 bytes of one decoded tile on the BLAS path (transient)
@@ -99,8 +100,18 @@ def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xqk, xd
 
 
 @njit(cache=True, parallel=True)
-def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, xq, xd, xqk, xdk, xbs, shapes, n):
-    # tasks (T, 3) = (slot, r0, r1); meta (3, 4) = (ggml_type, block_size, block_bytes, m) per slot
+def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, activations, shapes, n):
+    # tasks (T, 3) = (slot, r0, r1); meta (3, 4) = (ggml_type, block_size, block_bytes, m) per
+    # slot; activations: which roundings of x the slots' kernels take (AS_Q8_0 | AS_Q8_K), made
+    # here once per call before the parallel loop (one dispatch from Python instead of three)
+    q8_0, q8_k = (activations & AS_Q8_0) != 0, (activations & AS_Q8_K) != 0
+    xq, xd = np.empty(n * k if q8_0 else 0, np.int8), np.empty(n * (k // 32) if q8_0 else 0, np.float32)
+    xqk, xdk = np.empty(n * k if q8_k else 0, np.int8), np.empty(n * (k // 256) if q8_k else 0, np.float32)
+    xbs = np.empty(n * (k // 16) if q8_k else 0, np.int32)
+    if q8_0:  # (n, k) int8 values, (n, k/32) scales
+        quantize_q8_0(xf, n, k, xq, xd)
+    if q8_k:  # (n, k) int8 values, (n, k/256) scales, (n, k/16) int sums
+        quantize_q8_k(xf, n, k, xqk, xdk, xbs)
     for t in prange(tasks.shape[0]):
         s = tasks[t, 0]
         ty = meta[s, 0]
@@ -124,8 +135,8 @@ def _check(x: np.ndarray, w: QuantMatrix, out: np.ndarray) -> None:
         raise ValueError(f"out must be f32 ({x.shape[0]}, {w.m}), got {out.dtype} {out.shape}")
 
 
-def _plan(ws: list[QuantMatrix]) -> tuple[np.ndarray, np.ndarray, bool, bool]:
-    """(meta (3, 4), tasks (T, 3), needs x as Q8_0, needs x as Q8_K) for one group of matrices,
+def _plan(ws: list[QuantMatrix]) -> tuple:
+    """(meta (3, 4), tasks (T, 3), activations, the 3 data arrays) for one group of matrices,
     cached on the first matrix: building them costs ~5 us, and decode repeats the same groups."""
     key = tuple(ws[1:])
     plan = ws[0]._plans.get(key)
@@ -137,32 +148,26 @@ def _plan(ws: list[QuantMatrix]) -> tuple[np.ndarray, np.ndarray, bool, bool]:
             t = w.tasks.copy()
             t[:, 0] = s
             tasks.append(t)
-        plan = (meta, np.ascontiguousarray(np.concatenate(tasks)), any(w.ggml_type in Q8_0_ACTIVATIONS for w in ws),
-                any(w.ggml_type in K_QUANTS_Q8_K for w in ws))
+        activations = ((AS_Q8_0 if any(w.ggml_type in Q8_0_ACTIVATIONS for w in ws) else 0)
+                       | (AS_Q8_K if any(w.ggml_type in K_QUANTS_Q8_K for w in ws) else 0))
+        data = [w.data for w in ws]
+        data += [data[0]] * (3 - len(data))  # unused slots get any valid array of the same numba type
+        plan = (meta, np.ascontiguousarray(np.concatenate(tasks)), activations, data)
         ws[0]._plans[key] = plan
     return plan
 
 
 def _fused(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray], shapes: np.ndarray) -> None:
-    # x (n, k) @ W_i (m_i, k)^T -> out_i (n, m_i), up to 3 matrices in one parallel region
+    # x (n, k) @ W_i (m_i, k)^T -> out_i (n, m_i), up to 3 matrices in one parallel region. The
+    # decode hot path: ~100 calls per token, so it does as little Python as it can.
     n, k = x.shape
-    xf = np.ascontiguousarray(x).reshape(-1)
+    xf = (x if x.flags.c_contiguous else np.ascontiguousarray(x)).reshape(-1)
     flats = [o.reshape(-1) if o.flags.c_contiguous else np.empty(o.size, np.float32) for o in outs]
-    meta, tasks, needs_q8_0, needs_q8_k = _plan(ws)
-    # x quantized as each kernel's integer dot wants it (kernels/activations.py), once per call
-    xq, xd = np.empty(0, np.int8), np.empty(0, np.float32)
-    if needs_q8_0:  # (n, k) int8 values, (n, k/32) scales
-        xq, xd = np.empty(n * k, np.int8), np.empty(n * (k // 32), np.float32)
-        quantize_q8_0(xf, n, k, xq, xd)
-    xqk, xdk, xbs = np.empty(0, np.int8), np.empty(0, np.float32), np.empty(0, np.int32)
-    if needs_q8_k:  # (n, k) int8 values, (n, k/256) scales, (n, k/16) int sums
-        xqk, xdk, xbs = np.empty(n * k, np.int8), np.empty(n * (k // 256), np.float32), np.empty(n * (k // 16), np.int32)
-        quantize_q8_k(xf, n, k, xqk, xdk, xbs)
-    us = [w.data for w in ws]
-    while len(us) < 3:  # unused slots get any valid array of the same numba type
-        us.append(us[0])
+    meta, tasks, activations, data = _plan(ws)
+    while len(flats) < 3:
         flats.append(flats[0])
-    _run_tasks(tasks, meta, us[0], us[1], us[2], flats[0], flats[1], flats[2], f16_table(), k, xf, xq, xd, xqk, xdk, xbs, shapes, n)
+    _run_tasks(tasks, meta, data[0], data[1], data[2], flats[0], flats[1], flats[2], f16_table(), k, xf,
+               activations, shapes, n)
     for o, f in zip(outs, flats):
         if not o.flags.c_contiguous:
             o[...] = f.reshape(o.shape)

@@ -7,17 +7,18 @@ sum_l (d*sc*q_l - dmin*mn) * x_l = d*sc*sum_l q_l*x_l - dmin*mn*sum_l x_l.
 
 Q4_K and Q6_K then add the integer parts in f32 in exactly the shape llama.cpp's AVX2 build
 does, so an output equals llama.cpp's bit for bit:
-- Q4_K (which llama.cpp repacks 8 rows at a time): per super-block, acc += isum * (d*dx) and
-  acc_min += imin * (dmin*dx) as fused multiply-adds, output acc - acc_min. A row of x that
-  llama.cpp's batch sends through its 4-row gemm (flag QUAD) adds the super-block in four
-  64-value parts instead of one, as that gemm does.
+- Q4_K (which llama.cpp repacks 8 rows at a time): intdot.dot_row_q4_k (its gemv's shape:
+  per super-block, acc += isum * (d*dx) and acc_min += imin * (dmin*dx) as fused
+  multiply-adds, output acc - acc_min), or for a row of x that llama.cpp's batch sends
+  through its 4-row gemm (flag QUAD) dot_row_q4_k_quad (the super-block in four 64-value
+  parts, as that gemm adds it).
 - Q6_K: intdot.dot_row_q6_k (ggml_vec_dot_q6_K_q8_K's 8-lane shape), or for a row of a batch
   of 8 or more (flag TILED) dot_row_q6_k_tiled (ggml's tiled k-quant matmul).
 Which flags a row gets (`shapes`, one int8 per x row) is kernels/matmul.py's row_shapes_by_group.
 Q5_K keeps one f32 sum per row (llama.cpp's Q5_K dot has yet another shape, not reproduced).
 
-Tail rows are clamped to m-1 and not stored; the j (x row) loop is outermost around an
-identical body, so a row's bits depend only on its own x row and its shape flags.
+Each kernel dots one weight row at a time with every x row, each x row through the same code
+for its flags, so a row's bits depend only on its own x row and its shape flags.
 
 Shapes: u8 raw bytes of W (m, k); xq = x (n, k) as Q8_K int8 values, flattened; xd = (n, k/256)
 scales; xbs = (n, k/16) int32 sums of xq; shapes = (n,) int8 flags; out = (n, m) flattened.
@@ -27,9 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.intdot import dot_row_q6_k, dot_row_q6_k_tiled, q4_k_block_isum, q4_k_block_pair_isums, q5_k_block_isum
-from kernels.lanes import fma
-from kernels.prefetch import prefetch_ahead
+from kernels.intdot import dot_row_q4_k, dot_row_q4_k_quad, dot_row_q6_k, dot_row_q6_k_tiled, q5_k_block_isum
 
 U = np.uint64
 # bits of a row's `shapes` entry: the batch shape llama.cpp would sum that x row in
@@ -71,90 +70,60 @@ def _imin(mins, xbs, so, first, count):
 
 
 @njit(cache=True, inline="always")
-def _q4k_block(u8, lut, o, xq, xo, dx, xbs, so, quad, scales, mins, pairs, acc, acc_min):
-    # (acc, acc_min) after the Q4_K super-block at byte o against 256 Q8_K values at xo (scale dx)
-    _unpack_scales(u8, o, scales, mins)
-    d = _f16(u8, lut, o) * dx
-    dmin = _f16(u8, lut, o + 2) * dx
-    if quad:
-        q4_k_block_pair_isums(u8, U(o), scales, xq, U(xo), pairs)
-        for g in range(4):
-            acc = fma(np.float32(pairs[g]), d, acc)
-            acc_min = fma(np.float32(_imin(mins, xbs, so, 2 * g, 2)), dmin, acc_min)
-    else:
-        acc = fma(np.float32(q4_k_block_isum(u8, U(o), scales, xq, U(xo))), d, acc)
-        acc_min = fma(np.float32(_imin(mins, xbs, so, 0, 8)), dmin, acc_min)
-    return acc, acc_min
-
-
-@njit(cache=True, inline="always")
-def _q5k_block(u8, lut, o, xq, xo, dx, xbs, so, quad, scales, mins, pairs, acc, acc_min):
-    # (acc + dx * (d * isum - dmin * imin), acc_min) for the Q5_K super-block at byte o against
-    # 256 Q8_K values at xo: one plain f32 row sum (acc_min stays 0; quad and pairs go unused),
-    # called like _q4k_block so both types share _rows
+def _q5k_block(u8, lut, o, xq, xo, dx, xbs, so, scales, mins, acc):
+    # acc + dx * (d * isum - dmin * imin) for the Q5_K super-block at byte o against 256 Q8_K
+    # values at xo: one plain f32 row sum
     _unpack_scales(u8, o, scales, mins)
     isum = q5_k_block_isum(u8, U(o), scales, xq, U(xo))
     value = _f16(u8, lut, o) * np.float32(isum) - _f16(u8, lut, o + 2) * np.float32(_imin(mins, xbs, so, 0, 8))
-    return acc + dx * value, acc_min
-
-
-@njit(cache=True, inline="always")
-def _rows(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1, ggml_type):
-    # Two W rows per pass, their block bytes prefetched ahead; each row's (acc, acc_min) pair from
-    # the type's block function, output acc - acc_min. ggml_type is a literal from the wrappers
-    # below, so the branches fold away.
-    block_bytes = 176 if ggml_type == 13 else 144
-    nb = k // 256
-    row_bytes = nb * block_bytes
-    scales, mins, pairs = np.empty(8, np.int32), np.empty(8, np.int32), np.empty(4, np.int32)
-    for r in range(r0, r1, 2):
-        oa = r * row_bytes
-        ob = min(r + 1, m - 1) * row_bytes
-        for j in range(n):
-            a0 = a1 = b0 = b1 = np.float32(0.0)
-            quad = (shapes[j] & QUAD) != 0
-            for b in range(nb):
-                bo = b * block_bytes
-                prefetch_ahead(u8, oa + 2 * bo, (2 * block_bytes + 63) // 64)  # 2 rows' block bytes
-                xo = j * k + b * 256
-                dx = xd[j * nb + b]
-                so = j * (k // 16) + b * 16
-                if ggml_type == 13:
-                    a0, a1 = _q5k_block(u8, lut, oa + bo, xq, xo, dx, xbs, so, quad, scales, mins, pairs, a0, a1)
-                    b0, b1 = _q5k_block(u8, lut, ob + bo, xq, xo, dx, xbs, so, quad, scales, mins, pairs, b0, b1)
-                else:
-                    a0, a1 = _q4k_block(u8, lut, oa + bo, xq, xo, dx, xbs, so, quad, scales, mins, pairs, a0, a1)
-                    b0, b1 = _q4k_block(u8, lut, ob + bo, xq, xo, dx, xbs, so, quad, scales, mins, pairs, b0, b1)
-            out[j * m + r] = a0 - a1
-            if r + 1 < m:
-                out[j * m + r + 1] = b0 - b1
+    return acc + dx * value
 
 
 @njit(cache=True)
 def rows_q4_k(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1):
     # W Q4_K (m, k): super-block = d, dmin, 12 scale bytes, 128 bytes of nibbles, times x as
     # Q8_K (xq (n, k) int8, xd (n, k/256) f32, xbs (n, k/16) int32 sums; kernels/activations.py).
-    _rows(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1, 12)
+    # One weight row against each x row in turn through dot_row_q4_k or, for rows flagged QUAD,
+    # dot_row_q4_k_quad. No software prefetch: one sequential stream per thread is what the
+    # hardware prefetcher follows best (bursts of prefetches measured slower).
+    nb = k // 256
+    row_bytes = nb * 144
+    for r in range(r0, r1):
+        o = r * row_bytes
+        for j in range(n):
+            if shapes[j] & QUAD:
+                out[j * m + r] = dot_row_q4_k_quad(u8, U(o), nb, lut, xq, xd, U(j * nb), xbs)
+            else:
+                out[j * m + r] = dot_row_q4_k(u8, U(o), nb, lut, xq, xd, U(j * nb), xbs)
 
 
 @njit(cache=True)
 def rows_q5_k(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1):
     # W Q5_K (m, k): super-block = d, dmin, 12 scale bytes, qh[32] (fifth bits), 128 bytes of
     # nibbles, times x as Q8_K (as rows_q4_k). Row sum in f32 without fastmath; shapes unused.
-    _rows(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1, 13)
+    nb = k // 256
+    row_bytes = nb * 176
+    scales, mins = np.empty(8, np.int32), np.empty(8, np.int32)
+    for r in range(r0, r1):
+        o = r * row_bytes
+        for j in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                acc = _q5k_block(u8, lut, o + b * 176, xq, j * k + b * 256, xd[j * nb + b], xbs, j * (k // 16) + b * 16,
+                                 scales, mins, acc)
+            out[j * m + r] = acc
 
 
 @njit(cache=True)
 def rows_q6_k(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1):
     # W Q6_K (m, k): super-block = ql[128], qh[64], int8 scales[16] (one per 16 values), f16 d,
     # times x as Q8_K (as rows_q4_k). One weight row against each x row in turn through
-    # dot_row_q6_k or, for rows flagged TILED, dot_row_q6_k_tiled; the next rows are prefetched
-    # a row at a time.
+    # dot_row_q6_k or, for rows flagged TILED, dot_row_q6_k_tiled (no software prefetch, as
+    # rows_q4_k: with a burst of prefetches per 4 KB row it streamed ~1.4x slower from DRAM).
     nb = k // 256
     row_bytes = nb * 210
     for r in range(r0, r1):
         o = r * row_bytes
-        prefetch_ahead(u8, o, (row_bytes + 63) // 64)  # the row PREFETCH_DISTANCE ahead
         for j in range(n):
             if shapes[j] & TILED:
                 out[j * m + r] = dot_row_q6_k_tiled(u8, U(o), nb, lut, xq, xd, U(j * nb), xbs)
