@@ -1,12 +1,11 @@
 """Integer dot products of quantized weight blocks with 8-bit activations, as LLVM intrinsics.
 
 Owns the numba intrinsics the matvec kernels call on raw weight bytes and int8 activations
-(kernels/activations.py quantizes x): `dot_row_q8_0`, `dot_rows_q8_0`, `dot_row_q5_0` and
-`dot_row_q6_k` / `dot_row_q6_k_tiled`
-(a whole row, scaled per block and accumulated in f32 in exactly the shape of llama.cpp's AVX2
-kernels, so the result is llama.cpp's bit for bit), and `q4_k_block_isum`,
-`q4_k_block_pair_isums`, `q5_k_block_isum` (one k-quant super-block's integer sum, its
-sub-block scales applied in the vector).
+(kernels/activations.py quantizes x): `dot_row_q8_0`, `dot_rows_q8_0`, `dot_row_q5_0`,
+`dot_row_q4_k` / `dot_row_q4_k_quad` and `dot_row_q6_k` / `dot_row_q6_k_tiled` (a whole row,
+scaled per block and accumulated in f32 in exactly the shape of llama.cpp's AVX2 kernels, so
+the result is llama.cpp's bit for bit), and `q4_k_block_isum`, `q5_k_block_isum` (one k-quant
+super-block's integer sum, its sub-block scales applied in the vector).
 
 Why: a block's weight x activation products are then exact integers, equal in any summation
 order, and on AVX2 a dot is `vpmaddubsw` + `vpmaddwd` (32 int8 products in 2 instructions), the
