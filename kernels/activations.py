@@ -3,7 +3,8 @@
 Owns:
 - `quantize_q8_0(xf, n, k, xq, xd)`: each 32-value block of x becomes int8 values and one
   scale, with ggml's rule: d = max|x| /
-  127, rounded to f16 as ggml stores it; q = round-half-even(x * 127 / max|x|).
+  127, rounded to f16 as ggml stores it; q = round-half-even(x * 127 / max|x|); and
+  `quad_offsets(xq, x_offsets)`, the per-4-value sums the Q5_0 dot takes its offset from.
 - `quantize_q8_k(xf, n, k, xq, xd, xbs)`: ggml's Q8_K (256-value blocks, f32 scale), the
   activations of the k-quant kernels, plus the int sums of each 16 values (ggml's bsums).
 - `q8_0_round_trip(x)`, `q8_k_round_trip(x)`: x rounded and back, for the dequantize + BLAS
@@ -62,6 +63,16 @@ def quantize_q8_0(xf, n, k, xq, xd):
             for i in range(32):
                 xq[U(o + i)] = np.int8(np.rint(xf[U(o + i)] * inv))
             xd[j * nb + b] = f16_round(d)
+
+
+@njit(cache=True)
+def quad_offsets(xq, x_offsets):
+    # xq (n, k) int8 flat -> x_offsets (n, k/4) int32 flat: 16 * the sum of each 4 consecutive
+    # values, what a Q5_0 dot on unsigned values (0..31) takes off each lane for the -16 of the
+    # weights (kernels/intdot.py dot_row_q5_0)
+    for i in range(x_offsets.size):
+        o = U(4 * i)
+        x_offsets[i] = np.int32(16) * (np.int32(xq[o]) + np.int32(xq[o + U(1)]) + np.int32(xq[o + U(2)]) + np.int32(xq[o + U(3)]))
 
 
 def q8_0_round_trip(x: np.ndarray) -> np.ndarray:

@@ -103,10 +103,10 @@ def _scaled_u8_quads(builder, values, x8, scales16):
     return builder.call(_avx2(builder, "pmadd.wd", v8i32, [V16I16, V16I16]), [pairs, scales16])
 
 
-def _q5_0_values(builder, block):
-    # <32 x i8> the values (-16..15) of the Q5_0 block at `block` (f16 d, u32 qh, 16 bytes qs):
-    # value i has low 4 bits in qs[i % 16] (low nibble for i < 16, high for i >= 16) and its
-    # fifth bit at bit i of qh
+def _q5_0_values(builder, block, signed=True):
+    # <32 x i8> the values of the Q5_0 block at `block` (f16 d, u32 qh, 16 bytes qs), as stored
+    # (0..31; signed=False) or as weights (-16..15): value i has low 4 bits in qs[i % 16] (low
+    # nibble for i < 16, high for i >= 16) and its fifth bit at bit i of qh
     qs = _load(builder, block, ir.Constant(I64, 6), ir.VectorType(I8, 16), 1)
     low = builder.and_(qs, ir.Constant(ir.VectorType(I8, 16), [15] * 16))
     high = builder.lshr(qs, ir.Constant(ir.VectorType(I8, 16), [4] * 16))
@@ -116,19 +116,21 @@ def _q5_0_values(builder, block):
     bit = builder.and_(spread, ir.Constant(V32I8, [1 << (i % 8) for i in range(32)]))
     fifth = builder.select(builder.icmp_unsigned("!=", bit, ir.Constant(V32I8, [0] * 32)),
                            ir.Constant(V32I8, [16] * 32), ir.Constant(V32I8, [0] * 32))
-    return builder.sub(builder.or_(nibbles, fifth), _bytes(builder, 16))
+    values = builder.or_(nibbles, fifth)
+    return builder.sub(values, _bytes(builder, 16)) if signed else values
 
 
 def _q8_0_rows_codegen(n_rows, q5_0=False):
     # codegen for dot_row_q8_0 / dot_row_q5_0 (n_rows=1) and dot_rows_q8_0 (n_rows=2; args[2]
     # is the byte stride of the second row): each row its own accumulator, in one loop over the
-    # blocks; q5_0: the rows are Q5_0 blocks (22 bytes), unpacked to int8 in registers
+    # blocks; q5_0: the rows are Q5_0 blocks (22 bytes), their values unpacked unsigned in
+    # registers and the offset taken off the lanes with x's quad sums (the last argument)
     block_bytes = 22 if q5_0 else 34
 
     def codegen(context, builder, signature, args):
         w_arg, w_offset = args[0], args[1]
-        n_blocks, lut_arg, xq_arg, xd_arg, x_block = args[-5:]
-        array_types = signature.args[-5:]
+        n_blocks, lut_arg, xq_arg, xd_arg, x_block = args[-6:-1] if q5_0 else args[-5:]
+        array_types = signature.args[-6:-1] if q5_0 else signature.args[-5:]
         v8f32 = ir.VectorType(ir.FloatType(), 8)
         rows = [_pointer(context, builder, signature.args[0], w_arg, w_offset)]
         if n_rows == 2:
@@ -137,6 +139,8 @@ def _q8_0_rows_codegen(n_rows, q5_0=False):
         x_row = _pointer(context, builder, array_types[2], xq_arg, builder.mul(x_block, ir.Constant(x_block.type, 32)))
         d_row = _pointer(context, builder, array_types[3], xd_arg, x_block)
         accumulators = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in rows]
+        if q5_0:
+            offsets_row = _pointer(context, builder, signature.args[-1], args[-1], builder.mul(x_block, ir.Constant(x_block.type, 8)))
         n_blocks = builder.sext(n_blocks, I64) if n_blocks.type.width < 64 else n_blocks
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
@@ -146,8 +150,13 @@ def _q8_0_rows_codegen(n_rows, q5_0=False):
                 block = builder.gep(row, [builder.mul(b, ir.Constant(I64, block_bytes))])
                 d_bits = builder.load(builder.bitcast(block, I16.as_pointer()), align=1)
                 scale = builder.fmul(builder.load(builder.gep(lut, [builder.zext(d_bits, I64)])), d_x)
-                values = _q5_0_values(builder, block) if q5_0 else _load(builder, block, ir.Constant(I64, 2), V32I8, 1)
-                quads = _int8_quads(builder, values, x_values)
+                if q5_0:  # sum (q - 16) x = sum q x - 16 sum x per quad: 2 instructions fewer than signs
+                    offsets = _load(builder, builder.gep(offsets_row, [builder.mul(b, ir.Constant(I64, 8))]), None,
+                                    ir.VectorType(I32, 8), 4)
+                    quads = builder.sub(_scaled_u8_quads(builder, _q5_0_values(builder, block, signed=False), x_values,
+                                                         ir.Constant(V16I16, [1] * 16)), offsets)
+                else:
+                    quads = _int8_quads(builder, _load(builder, block, ir.Constant(I64, 2), V32I8, 1), x_values)
                 builder.store(fma_ir(builder, _splat(builder, scale, v8f32), builder.sitofp(quads, v8f32),
                                     builder.load(accumulator)), accumulator)
         sums = [lane_sum_ir(builder, builder.load(a)) for a in accumulators]
@@ -184,11 +193,15 @@ def dot_rows_q8_0(typingctx, w, w_offset, row_stride, n_blocks, lut, xq, xd, x_b
 
 
 @intrinsic
-def dot_row_q5_0(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block):
-    """dot_row_q8_0 for one Q5_0 row, its 5-bit values unpacked to int8 in registers."""
-    if not all(isinstance(a, types.Array) for a in (w, lut, xq, xd)):
+def dot_row_q5_0(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block, x_offsets):
+    """dot_row_q8_0 for one Q5_0 row, its 5-bit values unpacked in registers; x_offsets: int32
+    (n, k/4), 16 times the sum of each 4 consecutive values of xq (kernels/activations.py
+    quad_offsets), the -16 of the values applied per lane. The same integer lanes, so the same
+    bits as dot_row_q8_0 on the widened row."""
+    if not all(isinstance(a, types.Array) for a in (w, lut, xq, xd, x_offsets)):
         return None
-    return types.float32(w, w_offset, n_blocks, lut, xq, xd, x_block), _q8_0_rows_codegen(1, q5_0=True)
+    return (types.float32(w, w_offset, n_blocks, lut, xq, xd, x_block, x_offsets),
+            _q8_0_rows_codegen(1, q5_0=True))
 
 
 @intrinsic

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.activations import q8_0_round_trip, q8_k_round_trip, quantize_q8_0, quantize_q8_k
+from kernels.activations import q8_0_round_trip, q8_k_round_trip, quad_offsets, quantize_q8_0, quantize_q8_k
 from kernels.matmul_krows import QUAD, TILED, rows_q4_k, rows_q5_k, rows_q6_k
 from kernels.matmul_rows import rows_generic, rows_q5_0_int, rows_q8_0
 from kernels.quant import (Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, TYPE_NAMES, as_bytes, block_layout, deq_range, deq_rows_parallel,
@@ -83,12 +83,12 @@ class QuantMatrix:
 
 
 @njit(cache=True)
-def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xqk, xdk, xbs, shapes, n, out, r0, r1, tmp):
+def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xo, xqk, xdk, xbs, shapes, n, out, r0, r1, tmp):
     # out (n, m) flat, rows [r0, r1) of W (m, k) <- x (n, k) flat
     if ggml_type == 8:
         rows_q8_0(u8, lut, m, k, xq, xd, n, out, r0, r1)
     elif ggml_type == 6:
-        rows_q5_0_int(u8, lut, m, k, xq, xd, n, out, r0, r1)
+        rows_q5_0_int(u8, lut, m, k, xq, xd, xo, n, out, r0, r1)
     elif ggml_type == 12:
         rows_q4_k(u8, lut, m, k, xqk, xdk, xbs, shapes, n, out, r0, r1)
     elif ggml_type == 13:
@@ -106,10 +106,12 @@ def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, activations, sha
     # here once per call before the parallel loop (one dispatch from Python instead of three)
     q8_0, q8_k = (activations & AS_Q8_0) != 0, (activations & AS_Q8_K) != 0
     xq, xd = np.empty(n * k if q8_0 else 0, np.int8), np.empty(n * (k // 32) if q8_0 else 0, np.float32)
+    xo = np.empty(n * (k // 4) if q8_0 else 0, np.int32)
     xqk, xdk = np.empty(n * k if q8_k else 0, np.int8), np.empty(n * (k // 256) if q8_k else 0, np.float32)
     xbs = np.empty(n * (k // 16) if q8_k else 0, np.int32)
-    if q8_0:  # (n, k) int8 values, (n, k/32) scales
+    if q8_0:  # (n, k) int8 values, (n, k/32) scales, (n, k/4) offsets for Q5_0
         quantize_q8_0(xf, n, k, xq, xd)
+        quad_offsets(xq, xo)
     if q8_k:  # (n, k) int8 values, (n, k/256) scales, (n, k/16) int sums
         quantize_q8_k(xf, n, k, xqk, xdk, xbs)
     for t in prange(tasks.shape[0]):
@@ -118,13 +120,13 @@ def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, activations, sha
         fused = ty == 8 or ty == 6 or ty == 12 or ty == 13 or ty == 14
         tmp = np.empty(0 if fused else 4 * k, np.float32)  # decode scratch for rows_generic
         if s == 0:
-            _rows(meta[0, 0], meta[0, 1], meta[0, 2], u0, lut, meta[0, 3], k, xf, xq, xd, xqk, xdk, xbs, shapes, n, o0,
+            _rows(meta[0, 0], meta[0, 1], meta[0, 2], u0, lut, meta[0, 3], k, xf, xq, xd, xo, xqk, xdk, xbs, shapes, n, o0,
                   tasks[t, 1], tasks[t, 2], tmp)
         elif s == 1:
-            _rows(meta[1, 0], meta[1, 1], meta[1, 2], u1, lut, meta[1, 3], k, xf, xq, xd, xqk, xdk, xbs, shapes, n, o1,
+            _rows(meta[1, 0], meta[1, 1], meta[1, 2], u1, lut, meta[1, 3], k, xf, xq, xd, xo, xqk, xdk, xbs, shapes, n, o1,
                   tasks[t, 1], tasks[t, 2], tmp)
         else:
-            _rows(meta[2, 0], meta[2, 1], meta[2, 2], u2, lut, meta[2, 3], k, xf, xq, xd, xqk, xdk, xbs, shapes, n, o2,
+            _rows(meta[2, 0], meta[2, 1], meta[2, 2], u2, lut, meta[2, 3], k, xf, xq, xd, xo, xqk, xdk, xbs, shapes, n, o2,
                   tasks[t, 1], tasks[t, 2], tmp)
 
 

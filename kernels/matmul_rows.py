@@ -45,10 +45,10 @@ def rows_q8_0(u8, lut, m, k, xq, xd, n, out, r0, r1):
 
 
 @njit(cache=True)
-def rows_q5_0_int(u8, lut, m, k, xq, xd, n, out, r0, r1):
+def rows_q5_0_int(u8, lut, m, k, xq, xd, xo, n, out, r0, r1):
     # W Q5_0 (m, k): block = f16 d, u32 qh (fifth bits), 16 bytes of nibbles, times x quantized
-    # to Q8_0 as rows_q8_0 does (same bits as the widened Q8_0 rows). One x row: dot_row_q5_0
-    # on the packed blocks (decode is memory-bound: 22 bytes per 32 weights instead of 34).
+    # to Q8_0 as rows_q8_0 does, xo its quad_offsets (same bits as the widened Q8_0 rows). One
+    # x row: dot_row_q5_0 on the packed blocks (22 bytes per 32 weights streamed, not 34).
     # Several: widen 2 rows to Q8_0 in an L1 scratch once, then dot_rows_q8_0 that with each x
     # row (unpacking per x row made 4 rows 1.3x slower than widened weights).
     nb = k // 32
@@ -58,7 +58,7 @@ def rows_q5_0_int(u8, lut, m, k, xq, xd, n, out, r0, r1):
         for r in range(r0, r1):
             o = r * row_bytes
             prefetch_ahead(u8, o, (row_bytes + 63) // 64)  # the row PREFETCH_DISTANCE ahead
-            out[r] = dot_row_q5_0(u8, U(o), nb, lut, xq, xd, U(0))
+            out[r] = dot_row_q5_0(u8, U(o), nb, lut, xq, xd, U(0), xo)
         return
     for r in range(r0, r1, 2):
         o = r * row_bytes
