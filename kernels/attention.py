@@ -72,7 +72,7 @@ def _round_to_cache_overload(v, cache):
 
 # Below this many multiply-adds a call runs on the calling thread: a parallel region costs
 # microseconds to launch and much more when the cores are busy, which is most decode steps.
-SERIAL_WORK_LIMIT = 1 << 21  # ~0.2 ms of serial work
+SERIAL_WORK_LIMIT = 1 << 17  # ~15 us of serial work: decode rows past ~80 cells go parallel
 
 
 def attention(q, k_cache, v_cache, layer, slot_ids, positions, scale, window, out):
