@@ -7,12 +7,12 @@ sum_l (d*sc*q_l - dmin*mn) * x_l = d*sc*sum_l q_l*x_l - dmin*mn*sum_l x_l.
 
 Q4_K and Q6_K then add the integer parts in f32 in exactly the shape llama.cpp's AVX2 build
 does, so an output equals llama.cpp's bit for bit:
-- Q4_K (which llama.cpp repacks 8 rows at a time): intdot.dot_row_q4_k (its gemv's shape:
+- Q4_K (which llama.cpp repacks 8 rows at a time): intdot_kquant.dot_row_q4_k (its gemv's shape:
   per super-block, acc += isum * (d*dx) and acc_min += imin * (dmin*dx) as fused
   multiply-adds, output acc - acc_min), or for a row of x that llama.cpp's batch sends
   through its 4-row gemm (flag QUAD) dot_row_q4_k_quad (the super-block in four 64-value
   parts, as that gemm adds it).
-- Q6_K: intdot.dot_row_q6_k (ggml_vec_dot_q6_K_q8_K's 8-lane shape), or for a row of a batch
+- Q6_K: intdot_kquant.dot_row_q6_k (ggml_vec_dot_q6_K_q8_K's 8-lane shape), or for a row of a batch
   of 8 or more (flag TILED) dot_row_q6_k_tiled (ggml's tiled k-quant matmul).
 Which flags a row gets (`shapes`, one int8 per x row) is kernels/matmul.py's row_shapes_by_group.
 Q5_K keeps one f32 sum per row (llama.cpp's Q5_K dot has yet another shape, not reproduced).
@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.intdot import dot_row_q4_k, dot_row_q4_k_quad, dot_row_q6_k, dot_row_q6_k_tiled, q5_k_block_isum
+from kernels.intdot_kquant import dot_row_q4_k, dot_row_q4_k_quad, dot_row_q6_k, dot_row_q6_k_tiled, q5_k_block_isum
 
 U = np.uint64
 # bits of a row's `shapes` entry: the batch shape llama.cpp would sum that x row in

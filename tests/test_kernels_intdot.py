@@ -1,5 +1,5 @@
-"""kernels.activations (ggml's Q8_0 / Q8_K activation rounding) and kernels.intdot (the integer
-dot intrinsics), each against a numpy oracle. The row dots are checked bit for bit against
+"""kernels.activations (ggml's Q8_0 / Q8_K activation rounding) and kernels.intdot /
+intdot_kquant (the integer dot intrinsics), each against a numpy oracle. The row dots are checked bit for bit against
 numpy transcriptions of the summation shapes of ggml's AVX2 kernels (`fma32`, `lane_sum8`)."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 from numba import njit
 
 from kernels.activations import quantize_q8_0, quantize_q8_k
-from kernels.intdot import (dot_row_q6_k, dot_row_q6_k_tiled, dot_row_q8_0, dot_rows_q8_0, q4_k_block_isum,
-                           q5_k_block_isum)
+from kernels.intdot import dot_row_q8_0, dot_rows_q8_0
+from kernels.intdot_kquant import dot_row_q6_k, dot_row_q6_k_tiled, q4_k_block_isum, q5_k_block_isum
 
 
 def ggml_quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -276,14 +276,15 @@ def test_portable_ir_without_avx2_gives_the_same_integers(monkeypatch):
     # CPUs without AVX2 get generic vector IR instead of vpmaddwd: compile fresh wrappers with
     # that path and check them against the AVX2 build on the same data.
     import kernels.intdot as intdot
+    import kernels.intdot_kquant as kquant
     from kernels.quant import f16_table
 
     def build():
         @njit(cache=False)
         def run(w, xq, xq8, xd, lut, scales, out):
-            out[0] = intdot.q5_k_block_isum(w, np.uint64(0), scales, xq, np.uint64(0))
-            out[1] = intdot.q4_k_block_isum(w, np.uint64(0), scales, xq, np.uint64(0))
-            out[2] = np.int32(intdot.dot_row_q6_k(w, np.uint64(0), 1, _UNIT_LUT, xq, _ONE, np.uint64(0), _bsums16(xq)))
+            out[0] = kquant.q5_k_block_isum(w, np.uint64(0), scales, xq, np.uint64(0))
+            out[1] = kquant.q4_k_block_isum(w, np.uint64(0), scales, xq, np.uint64(0))
+            out[2] = np.int32(kquant.dot_row_q6_k(w, np.uint64(0), 1, _UNIT_LUT, xq, _ONE, np.uint64(0), _bsums16(xq)))
             return intdot.dot_row_q8_0(w, np.uint64(0), 3, lut, xq8, xd, np.uint64(0))
         return run
 
