@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import llvmlite.binding as llvm_binding
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
@@ -115,10 +116,39 @@ def f16_round(v):
     return f16_bits_to_f32(f32_to_f16_bits(v))
 
 
+# F16C's vcvtph2ps converts 8 f16 values in one instruction (exact, like f16_bits_to_f32)
+HAS_F16C = bool(llvm_binding.get_host_cpu_features().get("f16c", False))
+
+
+@intrinsic
+def _f16x8_to_f32(typingctx, src, i, dst, j):
+    # dst[j:j + 8] (f32) <- the f16 bit patterns src[i:i + 8] (uint16), as one LLVM `fpext <8 x
+    # half>`, which is vcvtph2ps with F16C. Both arrays must be contiguous: the addresses are
+    # data + index, whatever the type's layout says (the caller checks at run time).
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        dst_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+        halves = builder.load(builder.bitcast(builder.gep(src_data, [args[1]]), ir.VectorType(ir.IntType(16), 8).as_pointer()), align=2)
+        floats = builder.fpext(builder.bitcast(halves, ir.VectorType(ir.HalfType(), 8)), ir.VectorType(ir.FloatType(), 8))
+        builder.store(floats, builder.bitcast(builder.gep(dst_data, [args[3]]), floats.type.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(src, i, dst, j), codegen
+
+
 @njit(cache=True, inline="always")
 def f16_row_to_f32(src, dst):
-    # src (d,) uint16 f16 bit patterns -> dst (d,) f32 (see f16_bits_to_f32)
-    for j in range(src.shape[0]):
+    # src (d,) uint16 f16 bit patterns -> dst (d,) f32 (see f16_bits_to_f32); 8 at a time with F16C
+    # when both rows are contiguous (a K/V cache row: ~6x faster than the bit arithmetic).
+    # Branch-free setup: inlined branches make numba warn (see f32_to_f16_bits).
+    fast = HAS_F16C & src.flags.c_contiguous & dst.flags.c_contiguous
+    n_fast = src.shape[0] // 8 * 8 * np.int64(fast)
+    for c in range(n_fast // 8):
+        _f16x8_to_f32(src, np.uint64(8 * c), dst, np.uint64(8 * c))
+    for j in range(n_fast, src.shape[0]):
         dst[j] = f16_bits_to_f32(src[j])
 
 

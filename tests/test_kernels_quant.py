@@ -103,3 +103,22 @@ def test_f16_decodes_every_bit_pattern_exactly():
     np.testing.assert_array_equal(got.view(np.uint32)[~np.isnan(expected)],
                                   expected.view(np.uint32)[~np.isnan(expected)])
     assert np.isnan(got[np.isnan(expected)]).all()
+
+
+def test_f16_rows_convert_alike_contiguous_strided_and_in_the_tail():
+    # f16_row_to_f32 takes 8 values at a time (F16C) only from contiguous rows; a strided row and
+    # the last d % 8 values take the bit arithmetic: every path must give numpy's values
+    from numba import njit
+
+    from kernels.quant import f16_row_to_f32
+
+    @njit(cache=False)
+    def convert(src, dst):
+        f16_row_to_f32(src, dst)
+
+    patterns = np.random.default_rng(3).integers(0, 0x7C00, (2, 42)).astype(np.uint16)
+    patterns[0, :4] = [0x0001, 0x8000, 0x03FF, 0x7BFF]  # subnormal, -0, largest subnormal, max
+    for src in (patterns[0, :21], patterns[1, ::2]):  # contiguous (2 x 8 + 5), strided (21)
+        dst = np.empty(21, np.float32)
+        convert(src, dst)
+        np.testing.assert_array_equal(dst.view(np.uint32), src.view(np.float16).astype(np.float32).view(np.uint32))
