@@ -79,22 +79,34 @@ def _q5k_block(u8, lut, o, xq, xo, dx, xbs, so, scales, mins, acc):
     return acc + dx * value
 
 
+@njit(cache=True, inline="always")
+def _rows_by_shape(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1, ggml_type):
+    # One weight row against each x row in turn, through the row dot of that x row's shape:
+    # Q4_K (ggml_type 12) dot_row_q4_k, or dot_row_q4_k_quad for rows flagged QUAD; Q6_K (14)
+    # dot_row_q6_k, or dot_row_q6_k_tiled for rows flagged TILED. ggml_type is a literal from
+    # the wrappers below, so the branches fold away. No software prefetch: one sequential stream
+    # per thread is what the hardware prefetcher follows best (a burst of prefetches per row
+    # streamed ~1.4x slower from DRAM, on Q6_K's 4 KB rows).
+    nb = k // 256
+    row_bytes = nb * (144 if ggml_type == 12 else 210)
+    for r in range(r0, r1):
+        o = U(r * row_bytes)
+        for j in range(n):
+            if ggml_type == 12 and shapes[j] & QUAD:
+                out[j * m + r] = dot_row_q4_k_quad(u8, o, nb, lut, xq, xd, U(j * nb), xbs)
+            elif ggml_type == 12:
+                out[j * m + r] = dot_row_q4_k(u8, o, nb, lut, xq, xd, U(j * nb), xbs)
+            elif shapes[j] & TILED:
+                out[j * m + r] = dot_row_q6_k_tiled(u8, o, nb, lut, xq, xd, U(j * nb), xbs)
+            else:
+                out[j * m + r] = dot_row_q6_k(u8, o, nb, lut, xq, xd, U(j * nb), xbs)
+
+
 @njit(cache=True)
 def rows_q4_k(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1):
     # W Q4_K (m, k): super-block = d, dmin, 12 scale bytes, 128 bytes of nibbles, times x as
     # Q8_K (xq (n, k) int8, xd (n, k/256) f32, xbs (n, k/16) int32 sums; kernels/activations.py).
-    # One weight row against each x row in turn through dot_row_q4_k or, for rows flagged QUAD,
-    # dot_row_q4_k_quad. No software prefetch: one sequential stream per thread is what the
-    # hardware prefetcher follows best (bursts of prefetches measured slower).
-    nb = k // 256
-    row_bytes = nb * 144
-    for r in range(r0, r1):
-        o = r * row_bytes
-        for j in range(n):
-            if shapes[j] & QUAD:
-                out[j * m + r] = dot_row_q4_k_quad(u8, U(o), nb, lut, xq, xd, U(j * nb), xbs)
-            else:
-                out[j * m + r] = dot_row_q4_k(u8, U(o), nb, lut, xq, xd, U(j * nb), xbs)
+    _rows_by_shape(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1, 12)
 
 
 @njit(cache=True)
@@ -117,15 +129,5 @@ def rows_q5_k(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1):
 @njit(cache=True)
 def rows_q6_k(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1):
     # W Q6_K (m, k): super-block = ql[128], qh[64], int8 scales[16] (one per 16 values), f16 d,
-    # times x as Q8_K (as rows_q4_k). One weight row against each x row in turn through
-    # dot_row_q6_k or, for rows flagged TILED, dot_row_q6_k_tiled (no software prefetch, as
-    # rows_q4_k: with a burst of prefetches per 4 KB row it streamed ~1.4x slower from DRAM).
-    nb = k // 256
-    row_bytes = nb * 210
-    for r in range(r0, r1):
-        o = r * row_bytes
-        for j in range(n):
-            if shapes[j] & TILED:
-                out[j * m + r] = dot_row_q6_k_tiled(u8, U(o), nb, lut, xq, xd, U(j * nb), xbs)
-            else:
-                out[j * m + r] = dot_row_q6_k(u8, U(o), nb, lut, xq, xd, U(j * nb), xbs)
+    # times x as Q8_K (as rows_q4_k).
+    _rows_by_shape(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1, 14)

@@ -70,3 +70,29 @@ def test_fresh_compile_and_cached_load_give_the_same_bits(tmp_path):
         results.append(np.load(out))
     assert any((tmp_path / "numba-cache").rglob("*.nbi")), "the second run did not load from a cache"
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_any_kernel_source_change_moves_the_cache_directory(tmp_path):
+    # numba validates a cached kernel against its own file only, while the kernel embeds code from
+    # other modules: the cache directory is keyed by all kernels/*.py (kernels/jit_cache.py)
+    import shutil
+
+    import numba
+
+    from kernels.jit_cache import KERNELS_DIR, source_digest
+
+    assert numba.config.CACHE_DIR.endswith("ggserve-" + source_digest())
+    copy = tmp_path / "kernels"
+    shutil.copytree(KERNELS_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(copy) == source_digest()
+    intdot = copy / "intdot.py"
+    intdot.write_text(intdot.read_text() + "\n# one more line\n")
+    assert source_digest(copy) != source_digest()
+
+
+def test_a_cache_dir_from_the_environment_is_the_base(tmp_path):
+    code = "import numba, kernels; print(numba.config.CACHE_DIR)"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+                         timeout=120).stdout.strip()
+    assert Path(out).parent == tmp_path and Path(out).name.startswith("ggserve-")
