@@ -43,7 +43,7 @@ def select_cache_dir() -> str:
     base = os.environ.get("NUMBA_CACHE_DIR")
     if not base:
         in_tree = KERNELS_DIR / "__pycache__"
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")  # never raises
         base = str(in_tree if _writable(in_tree) else Path(xdg) / "ggserve" / "numba")
     directory = os.path.join(base, "ggserve-" + source_digest())
     numba.config.CACHE_DIR = directory
