@@ -2,9 +2,9 @@
 
 Owns:
 - `quantize_q8_0(xf, n, k, xq, xd)`: each 32-value block of x becomes int8 values and one
-  scale, with ggml's rule: d = max|x| /
-  127, rounded to f16 as ggml stores it; q = round-half-even(x * 127 / max|x|); and
-  `quad_offsets(xq, x_offsets)`, the per-4-value sums the Q5_0 dot takes its offset from.
+  scale, with ggml's rule: d = max|x| / 127, rounded to f16 as ggml stores it;
+  q = round-half-even(x * 127 / max|x|); and `quad_offsets(xq, x_offsets)`, the per-4-value
+  sums the Q5_0 dot takes its offset from.
 - `quantize_q8_k(xf, n, k, xq, xd, xbs)`: ggml's Q8_K (256-value blocks, f32 scale), the
   activations of the k-quant kernels, plus the int sums of each 16 values (ggml's bsums).
 - `q8_0_round_trip(x)`, `q8_k_round_trip(x)`: x rounded and back, for the dequantize + BLAS
@@ -19,9 +19,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.quant import f16_round
+from kernels.quant import _bits_f32, f16_round
 
 U = np.uint64  # unsigned indices: no negative-index wraparound selects, so the loops vectorize
+ABS_BITS = np.int32(0x7FFFFFFF)  # an f32's bits but the sign
+INF_BITS = np.int32(0x7F800000)  # the smallest |x| bit pattern that is not finite
 
 
 @njit(cache=True, inline="always")
@@ -32,11 +34,8 @@ def _abs_bits_max(xi, o, count):
     # fastmath; the float compare-and-branch it replaces mispredicted (~10 cycles per value).
     top = np.int32(0)
     for i in range(count):
-        top = max(top, xi[U(o + i)] & np.int32(0x7FFFFFFF))
+        top = max(top, xi[U(o + i)] & ABS_BITS)
     return top
-
-
-INF_BITS = np.int32(0x7F800000)
 
 
 @njit(cache=True)
@@ -45,17 +44,15 @@ def quantize_q8_0(xf, n, k, xq, xd):
     # A block holding inf/nan gets scale nan, so the dot products with it stay nan as with f32.
     nb = k // 32
     xi = xf.view(np.int32)
-    top_bits = np.empty(1, np.int32)
-    top = top_bits.view(np.float32)
     for j in range(n):
         for b in range(nb):
             o = U(j * k + b * 32)
-            top_bits[0] = _abs_bits_max(xi, o, 32)
-            if top_bits[0] >= INF_BITS:
+            top = _abs_bits_max(xi, o, 32)
+            if top >= INF_BITS:
                 xd[j * nb + b] = np.float32(np.nan)
                 xq[o:o + 32] = 0
                 continue
-            amax = top[0]
+            amax = _bits_f32(np.uint32(top))
             d = amax / np.float32(127.0)
             # 127 / amax, not 1 / d: ggml's x86 quantize_row_q8_0 (the one llama.cpp runs here)
             # multiplies by it, and the two differ in the last bit often enough to flip a rounding
@@ -72,7 +69,8 @@ def quad_offsets(xq, x_offsets):
     # weights (kernels/intdot.py dot_row_q5_0)
     for i in range(x_offsets.size):
         o = U(4 * i)
-        x_offsets[i] = np.int32(16) * (np.int32(xq[o]) + np.int32(xq[o + U(1)]) + np.int32(xq[o + U(2)]) + np.int32(xq[o + U(3)]))
+        quad = np.int32(xq[o]) + np.int32(xq[o + U(1)]) + np.int32(xq[o + U(2)]) + np.int32(xq[o + U(3)])
+        x_offsets[i] = np.int32(16) * quad
 
 
 def q8_0_round_trip(x: np.ndarray) -> np.ndarray:
@@ -102,7 +100,7 @@ def quantize_q8_k(xf, n, k, xq, xd, xbs):
                 xq[o:o + 256] = 0
             else:
                 first = o
-                while xi[first] & np.int32(0x7FFFFFFF) != top:
+                while xi[first] & ABS_BITS != top:
                     first += U(1)
                 iscale = np.float32(-127.0) / xf[first]
                 for i in range(256):

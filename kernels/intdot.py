@@ -55,6 +55,18 @@ def _reduce_add(builder, vector):
     return builder.call(fn, [vector])
 
 
+def _as_i64(builder, value):
+    # an integer argument (a count or index) widened to i64 for address arithmetic
+    return builder.sext(value, I64) if value.type.width < 64 else value
+
+
+def _f16_value(builder, lut, block, offset):
+    # f32 value of the f16 at byte `offset` of `block` (a weight block's scale), through the
+    # f16 table `lut` (kernels/quant.py f16_table)
+    bits = builder.load(builder.bitcast(builder.gep(block, [ir.Constant(I64, offset)]), I16.as_pointer()), align=1)
+    return builder.load(builder.gep(lut, [builder.zext(bits, I64)]))
+
+
 def _bytes(builder, value):
     # <32 x i8> with the constant `value` in every lane
     return _splat(builder, ir.Constant(I8, value), V32I8)
@@ -141,16 +153,15 @@ def _q8_0_rows_codegen(n_rows, q5_0=False):
         d_row = _pointer(context, builder, array_types[3], xd_arg, x_block)
         accumulators = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in rows]
         if q5_0:
-            offsets_row = _pointer(context, builder, signature.args[-1], args[-1], builder.mul(x_block, ir.Constant(x_block.type, 8)))
-        n_blocks = builder.sext(n_blocks, I64) if n_blocks.type.width < 64 else n_blocks
-        with cgutils.for_range(builder, n_blocks) as loop:
+            offsets_row = _pointer(context, builder, signature.args[-1], args[-1],
+                                   builder.mul(x_block, ir.Constant(x_block.type, 8)))
+        with cgutils.for_range(builder, _as_i64(builder, n_blocks)) as loop:
             b = loop.index
             d_x = builder.load(builder.gep(d_row, [b]))
             x_values = _load(builder, builder.gep(x_row, [builder.mul(b, ir.Constant(I64, 32))]), None, V32I8, 1)
             for row, accumulator in zip(rows, accumulators):
                 block = builder.gep(row, [builder.mul(b, ir.Constant(I64, block_bytes))])
-                d_bits = builder.load(builder.bitcast(block, I16.as_pointer()), align=1)
-                scale = builder.fmul(builder.load(builder.gep(lut, [builder.zext(d_bits, I64)])), d_x)
+                scale = builder.fmul(_f16_value(builder, lut, block, 0), d_x)
                 if q5_0:  # sum (q - 16) x = sum q x - 16 sum x per quad: 2 instructions fewer than signs
                     offsets = _load(builder, builder.gep(offsets_row, [builder.mul(b, ir.Constant(I64, 8))]), None,
                                     ir.VectorType(I32, 8), 4)
@@ -217,8 +228,7 @@ def widen_q5_0_blocks(typingctx, w, w_offset, n_blocks, dst):
         w_arg, w_offset, n_blocks, dst_arg = args
         src = _pointer(context, builder, signature.args[0], w_arg, w_offset)
         out = context.make_array(signature.args[3])(context, builder, dst_arg).data
-        n_blocks = builder.sext(n_blocks, I64) if n_blocks.type.width < 64 else n_blocks
-        with cgutils.for_range(builder, n_blocks) as loop:
+        with cgutils.for_range(builder, _as_i64(builder, n_blocks)) as loop:
             block = builder.gep(src, [builder.mul(loop.index, ir.Constant(I64, 22))])
             target = builder.gep(out, [builder.mul(loop.index, ir.Constant(I64, 34))])
             d_bits = builder.load(builder.bitcast(block, I16.as_pointer()), align=1)

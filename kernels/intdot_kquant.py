@@ -14,7 +14,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels.intdot import I8, I16, I32, I64, V16I16, V32I8, _bytes, _load, _pointer, _reduce_add, _scaled_u8_quads, _splat
+from kernels.intdot import (I8, I16, I32, I64, V16I16, V32I8, _as_i64, _bytes, _f16_value, _load, _pointer, _reduce_add,
+                            _scaled_u8_quads, _splat)
 from kernels.lanes import fma_ir, lane_sum_ir
 
 
@@ -83,6 +84,27 @@ def q5_k_block_isum(typingctx, w, block_offset, scales, xq, x_offset):
     return types.int32(w, block_offset, scales, xq, x_offset), _q4_q5_k_codegen(True)
 
 
+def _pair_sums(builder, v16):
+    # <8 x i32> lane j = v16[2j] + v16[2j + 1] of a <16 x i32>: per-32-value sums from the
+    # 16-value ones (Q8_K's bsums)
+    v8i32 = ir.VectorType(I32, 8)
+    even = builder.shuffle_vector(v16, v16, ir.Constant(v8i32, list(range(0, 16, 2))))
+    odd = builder.shuffle_vector(v16, v16, ir.Constant(v8i32, list(range(1, 16, 2))))
+    return builder.add(even, odd)
+
+
+def _k_row_operands(context, builder, signature, args):
+    # (w_row, lut, x_row, d_row, bs_row, n_blocks as i64) from the arguments every k-quant row dot
+    # takes: (w, w_offset, n_blocks, lut, xq, xd, x_block, bsums)
+    w_arg, w_offset, n_blocks, lut_arg, xq_arg, xd_arg, x_block, bs_arg = args
+    w_row = _pointer(context, builder, signature.args[0], w_arg, w_offset)
+    lut = context.make_array(signature.args[3])(context, builder, lut_arg).data
+    x_row = _pointer(context, builder, signature.args[4], xq_arg, builder.mul(x_block, ir.Constant(x_block.type, 256)))
+    d_row = _pointer(context, builder, signature.args[5], xd_arg, x_block)
+    bs_row = _pointer(context, builder, signature.args[7], bs_arg, builder.mul(x_block, ir.Constant(x_block.type, 16)))
+    return w_row, lut, x_row, d_row, bs_row, _as_i64(builder, n_blocks)
+
+
 def _q4_k_scales_mins(builder, block):
     # (scales, mins) <8 x i32> of the Q4_K super-block at `block`: its 12 scale bytes b (at +4)
     # hold 8 6-bit (scale, min) pairs: scale s = b[s] & 63 and min s = b[s + 4] & 63 for s < 4;
@@ -109,41 +131,30 @@ def _q4_k_scales_mins(builder, block):
 def _q4_k_row_codegen(quad):
     # codegen for dot_row_q4_k (quad=False) and dot_row_q4_k_quad (see their docstrings)
     def codegen(context, builder, signature, args):
-        w_arg, w_offset, n_blocks, lut_arg, xq_arg, xd_arg, x_block, bs_arg = args
-        f32, v8i32, v16i32 = ir.FloatType(), ir.VectorType(I32, 8), ir.VectorType(I32, 16)
-        w_row = _pointer(context, builder, signature.args[0], w_arg, w_offset)
-        lut = context.make_array(signature.args[3])(context, builder, lut_arg).data
-        x_row = _pointer(context, builder, signature.args[4], xq_arg, builder.mul(x_block, ir.Constant(x_block.type, 256)))
-        d_row = _pointer(context, builder, signature.args[5], xd_arg, x_block)
-        bs_row = _pointer(context, builder, signature.args[7], bs_arg, builder.mul(x_block, ir.Constant(x_block.type, 16)))
+        w_row, lut, x_row, d_row, bs_row, n_blocks = _k_row_operands(context, builder, signature, args)
+        f32, v16i32 = ir.FloatType(), ir.VectorType(I32, 16)
         acc = cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
         acc_min = cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
-        n_blocks = builder.sext(n_blocks, I64) if n_blocks.type.width < 64 else n_blocks
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
             block = builder.gep(w_row, [builder.mul(b, ir.Constant(I64, 144))])
             x_ptr = builder.gep(x_row, [builder.mul(b, ir.Constant(I64, 256))])
             d_x = builder.load(builder.gep(d_row, [b]))
-
-            def scale_of(offset):  # the f16 at block + offset (d or dmin) times d_x, in f32
-                bits = builder.load(builder.bitcast(builder.gep(block, [ir.Constant(I64, offset)]), I16.as_pointer()), align=1)
-                return builder.fmul(builder.load(builder.gep(lut, [builder.zext(bits, I64)])), d_x)
-
-            d, d_min = scale_of(0), scale_of(2)
+            d = builder.fmul(_f16_value(builder, lut, block, 0), d_x)
+            d_min = builder.fmul(_f16_value(builder, lut, block, 2), d_x)
             scales, mins = _q4_k_scales_mins(builder, block)
             scales16 = builder.trunc(scales, ir.VectorType(I16, 8))
             # minimums: mins[s] * (sum of x's 32 values of sub-block s), from the 16-value sums
             sums = _load(builder, builder.gep(bs_row, [builder.mul(b, ir.Constant(I64, 16))]), None, v16i32, 4)
-            even = builder.shuffle_vector(sums, sums, ir.Constant(v8i32, list(range(0, 16, 2))))
-            odd = builder.shuffle_vector(sums, sums, ir.Constant(v8i32, list(range(1, 16, 2))))
-            weighted_mins = builder.mul(builder.add(even, odd), mins)
+            weighted_mins = builder.mul(_pair_sums(builder, sums), mins)
             groups = _k_quant_group_sums(builder, block, x_ptr, lambda s: builder.shuffle_vector(
                 scales16, scales16, ir.Constant(ir.VectorType(I32, 16), [s] * 16)))
             if quad:  # ggml's 4-row gemm adds each 64-value part on its own
                 for g in range(4):
                     pair_min = builder.add(builder.extract_element(weighted_mins, ir.Constant(I32, 2 * g)),
                                            builder.extract_element(weighted_mins, ir.Constant(I32, 2 * g + 1)))
-                    builder.store(fma_ir(builder, builder.sitofp(_reduce_add(builder, groups[g]), f32), d, builder.load(acc)), acc)
+                    isum = builder.sitofp(_reduce_add(builder, groups[g]), f32)
+                    builder.store(fma_ir(builder, isum, d, builder.load(acc)), acc)
                     builder.store(fma_ir(builder, builder.sitofp(pair_min, f32), d_min, builder.load(acc_min)), acc_min)
             else:
                 isum = _reduce_add(builder, _vector_sum(builder, groups))
@@ -189,16 +200,11 @@ def dot_row_q4_k_quad(typingctx, w, w_offset, n_blocks, lut, xq, xd, x_block, bs
 def _q6_k_row_codegen(tiled):
     # codegen for dot_row_q6_k (tiled=False) and dot_row_q6_k_tiled (see their docstrings)
     def codegen(context, builder, signature, args):
-        w_arg, w_offset, n_blocks, lut_arg, xq_arg, xd_arg, x_block, bs_arg = args
-        f32, v8f32, v8i32, v16i32 = ir.FloatType(), ir.VectorType(ir.FloatType(), 8), ir.VectorType(I32, 8), ir.VectorType(I32, 16)
-        w_row = _pointer(context, builder, signature.args[0], w_arg, w_offset)
-        lut = context.make_array(signature.args[3])(context, builder, lut_arg).data
-        x_row = _pointer(context, builder, signature.args[4], xq_arg, builder.mul(x_block, ir.Constant(x_block.type, 256)))
-        d_row = _pointer(context, builder, signature.args[5], xd_arg, x_block)
-        bs_row = _pointer(context, builder, signature.args[7], bs_arg, builder.mul(x_block, ir.Constant(x_block.type, 16)))
+        w_row, lut, x_row, d_row, bs_row, n_blocks = _k_row_operands(context, builder, signature, args)
+        f32, v8f32 = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
+        v8i32, v16i32 = ir.VectorType(I32, 8), ir.VectorType(I32, 16)
         zero = ir.Constant(f32, 0.0) if tiled else ir.Constant(v8f32, [0.0] * 8)
         accumulator = cgutils.alloca_once_value(builder, zero)
-        n_blocks = builder.sext(n_blocks, I64) if n_blocks.type.width < 64 else n_blocks
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
             block = builder.gep(w_row, [builder.mul(b, ir.Constant(I64, 210))])
@@ -221,12 +227,9 @@ def _q6_k_row_codegen(tiled):
             # the -32 offset of the values: 32 * sc * (sum of 16 x) per 16-value group, lane j
             # taking groups 2j and 2j + 1
             sums = _load(builder, builder.gep(bs_row, [builder.mul(b, ir.Constant(I64, 16))]), None, v16i32, 4)
-            weighted = builder.mul(sums, scales)
-            even = builder.shuffle_vector(weighted, weighted, ir.Constant(v8i32, list(range(0, 16, 2))))
-            odd = builder.shuffle_vector(weighted, weighted, ir.Constant(v8i32, list(range(1, 16, 2))))
-            lanes = builder.sub(lanes, builder.shl(builder.add(even, odd), _splat(builder, ir.Constant(I32, 5), v8i32)))
-            d_bits = builder.load(builder.bitcast(builder.gep(block, [ir.Constant(I64, 208)]), I16.as_pointer()), align=1)
-            d_w = builder.load(builder.gep(lut, [builder.zext(d_bits, I64)]))
+            offsets = _pair_sums(builder, builder.mul(sums, scales))
+            lanes = builder.sub(lanes, builder.shl(offsets, _splat(builder, ir.Constant(I32, 5), v8i32)))
+            d_w = _f16_value(builder, lut, block, 208)
             d_x = builder.load(builder.gep(d_row, [b]))
             if tiled:
                 scaled = builder.fmul(d_w, builder.sitofp(_reduce_add(builder, lanes), f32))

@@ -262,8 +262,7 @@ def matmul(x: np.ndarray, w: QuantMatrix, out: np.ndarray, blas_rows: np.ndarray
     dequantize + BLAS path (default: all rows when n >= BLAS_MIN_ROWS, else none); row_shapes
     (n,) int8 the summation shape of each fused-path row (default: llama.cpp's for one batch
     of n rows; see row_shapes_by_group)."""
-    _check(x, w, out)
-    matmul_multi(x, [w], [out], blas_rows, row_shapes)
+    matmul_multi(x, [w], [out], blas_rows, row_shapes)  # which checks x, w and out
 
 
 def matmul_multi(x: np.ndarray, ws: list[QuantMatrix], outs: list[np.ndarray],
