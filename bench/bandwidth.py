@@ -3,7 +3,7 @@
 Owns `read_bandwidth_gbs()`: the median GB/s of summing a 1 GB array (30x the L3 cache) with
 every numba thread, a STREAM-style read test (~35 GB/s on the 2-core development machine). Decode reads every streamed weight
 once per step, so weight bytes per step / this bandwidth is the fastest a step can be.
-`python -m bench.bandwidth` prints it.
+`python -m ggserve.bench.bandwidth` prints it.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import numpy as np
 from numba import njit, prange
 
-import kernels  # noqa: F401  (selects the OpenMP threading layer before the first parallel compile)
+from ggserve.kernels import threads  # noqa: F401  (selects the OpenMP threading layer before the first parallel compile)
 
 
 @njit(cache=True, parallel=True)

@@ -1,4 +1,4 @@
-"""`python -m bench.engine -m MODEL`: the model's forward pass speed, as llama-bench measures it.
+"""`python -m ggserve.bench.engine -m MODEL`: the model's forward pass speed, as llama-bench measures it.
 
 Owns: timing `Model.forward` directly (no server, no sampler beyond argmax) for
 - prefill: one 512-token prompt in one batch (llama-bench pp512),
@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 
-from bench.bandwidth import read_bandwidth_gbs
-from engine.gguf import GGUFFile
-from engine.model import load_model
+from ggserve.bench.bandwidth import read_bandwidth_gbs
+from ggserve.engine.model.gguf import GGUFFile
+from ggserve.engine.model.model import load_model
 
 
 def _tokens(rng: np.random.Generator, n_vocab: int, n: int) -> np.ndarray:
@@ -60,7 +60,7 @@ def bench_decode(model, n_slots: int, n_steps: int, runs: int, rng, prompt_len: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ggserve.bench.engine", description=__doc__.splitlines()[0])
     p.add_argument("-m", "--model", help="GGUF file (default: the bundled Qwen2.5-Coder-0.5B)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = args.model
     if not path:
-        from engine.model_store import ensure_model
+        from ggserve.server.model_store import ensure_model
 
         path = str(ensure_model())
     n_slots = max([1, *slot_counts])

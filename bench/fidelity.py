@@ -1,4 +1,4 @@
-"""`python -m bench.fidelity`: how far top-10 logits land from llama.cpp's reference logits.
+"""`python -m ggserve.bench.fidelity`: how far top-10 logits land from llama.cpp's reference logits.
 
 Owns: the measurement behind the engine's logit tolerance. For every prompt of
 testdata/golden/*.logits.json (both real models) it feeds `prompt_tokens` and reports the max and
@@ -24,10 +24,10 @@ import sys
 
 import numpy as np
 
-import engine.model.model as model_module
-from engine.gguf import GGUFFile
-from engine.model import load_model
-from engine.model_store import GEMMA3_270M, QWEN_CODER_05B, ensure_model
+import ggserve.engine.model.model as model_module
+from ggserve.engine.model.gguf import GGUFFile
+from ggserve.engine.model.model import load_model
+from ggserve.server.model_store import GEMMA3_270M, QWEN_CODER_05B, ensure_model
 from tests.testdata import reference_data_dir
 
 MODELS = {"qwen": QWEN_CODER_05B, "gemma": GEMMA3_270M}
@@ -91,7 +91,7 @@ def report(label: str, diffs: tuple[float, float], note: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ggserve.bench.fidelity", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="qwen,gemma", help="comma-separated: qwen, gemma")
     parser.add_argument("--seed", type=int, default=0, help="seed of the one-ulp nudges")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the quantized matmul kernels: `python -m bench.kernels [--types Q8_0,...] [--cpu]`.
+"""Micro-benchmark of the quantized matmul kernels: `python -m ggserve.bench.kernels [--types Q8_0,...] [--cpu]`.
 
 Prints medians of:
 - matvec (n=1) GB/s of weight bytes per type, on Qwen2.5-0.5B shapes, cycling through enough
@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from kernels.matmul import BLAS_MIN_ROWS, QuantMatrix, matmul
-from kernels.quant import BLOCK_LAYOUT
+from ggserve.kernels.matmul import BLAS_MIN_ROWS, QuantMatrix, matmul
+from ggserve.kernels.quant import block_layout
 
 # (type, m, k): the matrices a Qwen2.5-0.5B Q4_K_M decode step streams
 SHAPES = {"Q5_0": (6, 4864, 896), "Q8_0": (8, 151936 // 8, 896), "Q4_K": (12, 896, 4864),
@@ -29,7 +29,7 @@ _SCALE_OFFSETS = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11
 
 def random_matrix_bytes(rng: np.random.Generator, ggml_type: int, m: int, k: int) -> np.ndarray:
     """Random raw blocks for W (m, k) whose f16 scales are finite and small (no inf/NaN)."""
-    block_size, block_bytes = BLOCK_LAYOUT[ggml_type]
+    block_size, block_bytes = block_layout(ggml_type)
     nblk = m * k // block_size
     if ggml_type == 0:
         return rng.standard_normal(nblk).astype(np.float32).view(np.uint8)

@@ -1,4 +1,4 @@
-"""Benchmarks the sampler chain and grammar masks (python -m bench.sampling [model.gguf]).
+"""Benchmarks the sampler chain and grammar masks (python -m ggserve.bench.sampling [model.gguf]).
 
 Measures, with medians over repeated calls:
 - `Sampler.sample` at a 150k vocabulary with default params, greedy, and a few heavier chains;
@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from engine.sampling import Sampler, SamplingParams
+from ggserve.engine.sampling.sampler import Sampler, SamplingParams
 
 N_VOCAB = 151_936
 
@@ -42,12 +42,12 @@ def gpt2_byte_decoder() -> dict[str, int]:
 
 
 def vocab_token_bytes(path: str) -> tuple[list[bytes], frozenset[int]]:
-    """Token pieces of a BPE GGUF vocabulary, via engine.tokenizer when available."""
-    from engine.gguf import GGUFFile
+    """Token pieces of a BPE GGUF vocabulary, via ggserve.engine.tokenizer when available."""
+    from ggserve.engine.model.gguf import GGUFFile
 
     gguf = GGUFFile(path)
     try:
-        from engine.tokenizer import Tokenizer
+        from ggserve.engine.tokenizer import Tokenizer
 
         tok = Tokenizer.from_gguf(gguf)
         return [tok.token_to_piece(i) for i in range(tok.n_vocab)], frozenset(tok.eog_ids)
@@ -94,9 +94,9 @@ def bench_chain(repeat: int) -> None:
 
 
 def bench_grammar(path: str) -> None:
-    from engine.grammar_matcher import GrammarMatcher
-    from engine.grammar_vocab import GrammarVocab
-    from engine.json_schema import json_schema_to_grammar
+    from ggserve.engine.grammar.matcher import GrammarMatcher
+    from ggserve.engine.grammar.vocab import GrammarVocab
+    from ggserve.engine.grammar.json_schema import json_schema_to_grammar
 
     t0 = time.perf_counter()
     pieces, eog = vocab_token_bytes(path)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_chain(args.repeat)
     path = args.model
     if path is None:
-        from engine.model_store import ensure_model
+        from ggserve.server.model_store import ensure_model
 
         path = str(ensure_model(show_progress=False))
     bench_grammar(path)

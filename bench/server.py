@@ -1,12 +1,12 @@
 """HTTP benchmark of a running server: prefill, decode, concurrent streams, TTFT, peak RSS.
 
-Owns: starting `python -m server` on a free port (unless --url is given) and stopping it, the
+Owns: starting `python -m ggserve.server` on a free port (unless --url is given) and stopping it, the
 measurement requests, medians over runs, and the markdown report (with an A/B ratio column
 against --compare-url, e.g. llama.cpp's llama-server on the same model). Only httpx + stdlib;
 psutil is used for RSS when /proc is not available.
 
-    python -m bench.server -m model.gguf --runs 3
-    python -m bench.server --url http://127.0.0.1:8080 --compare-url http://127.0.0.1:8081
+    python -m ggserve.bench.server -m model.gguf --runs 3
+    python -m ggserve.bench.server --url http://127.0.0.1:8080 --compare-url http://127.0.0.1:8081
 
 Per run, against each server (runs alternate between the servers so drift hits both alike):
   prefill    native /completion, a ~512-token prompt, n_predict 1, cache_prompt false:
@@ -302,7 +302,7 @@ def free_port() -> int:
 
 def start_server(model: str | None, n_parallel: int, ctx_per_slot: int, extra: list[str], log_path: Path):
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "-np", str(n_parallel), "-c", str(n_parallel * ctx_per_slot),
+    cmd = [sys.executable, "-m", "ggserve.server", "-np", str(n_parallel), "-c", str(n_parallel * ctx_per_slot),
            "--host", "127.0.0.1", "--port", str(port), *extra]
     if model:
         cmd[3:3] = ["-m", model]
@@ -342,7 +342,7 @@ async def wait_healthy(client: httpx.AsyncClient, url: str, timeout: float, proc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.server", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ggserve.bench.server", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", help="GGUF file for the started server (default: the bundled model)")
     p.add_argument("--url", help="benchmark this running server instead of starting one")
     p.add_argument("--pid", type=int, help="process id of --url's server, for peak RSS")

@@ -17,8 +17,8 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from engine.core import EngineCore
-from engine.request import (
+from ggserve.engine.core import EngineCore
+from ggserve.engine.request import (
     EngineBusyError,
     EngineError,
     GenerationParams,
@@ -26,7 +26,7 @@ from engine.request import (
     RequestOutput,
     new_request_id,
 )
-from engine.stats import EngineStats
+from ggserve.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 

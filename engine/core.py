@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engine.request import GenerationParams, PromptTooLongError, Request, RequestOutput, new_request_id
-from engine.runner import ModelRunner
-from engine.scheduler import Scheduler
-from engine.stats import EngineStats, StatsCollector
-from engine.stop import StopChecker
+from ggserve.engine.request import GenerationParams, PromptTooLongError, Request, RequestOutput, new_request_id
+from ggserve.engine.runner import ModelRunner
+from ggserve.engine.scheduler import Scheduler
+from ggserve.engine.stats import EngineStats, StatsCollector
+from ggserve.engine.stop import StopChecker
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class EngineCore:
         self._detokenizer_factory = detokenizer_factory or self._default_detokenizer_factory()
 
     def _default_sampler_factory(self, n_vocab: int, eog_ids: frozenset[int]):
-        from engine.sampling import Sampler
+        from ggserve.engine.sampling.sampler import Sampler
 
         def make(params: GenerationParams):
             sampling = params.sampling
@@ -96,7 +96,7 @@ class EngineCore:
 
     def _grammar_vocab(self, eog_ids: frozenset[int]):
         if self._vocab is None:
-            from engine.grammar_vocab import GrammarVocab
+            from ggserve.engine.grammar.vocab import GrammarVocab
 
             pieces = [self.tokenizer.token_to_piece(i, special=True) for i in range(self.model.n_vocab)]
             self._vocab = GrammarVocab(pieces, eog_ids)
@@ -106,7 +106,7 @@ class EngineCore:
         tokenizer, special = self.tokenizer, self.config.special
 
         def make():
-            from engine.tokenizer import IncrementalDetokenizer
+            from ggserve.engine.tokenizer import IncrementalDetokenizer
 
             return IncrementalDetokenizer(tokenizer, special=special)
 

@@ -6,7 +6,7 @@ edits the engine needs: truncate, clear, copy a prefix between slots, and contex
 span and re-rotate the keys that move, because rope is baked into cached keys).
 
 Invariant: cell t of a slot holds the K/V of the token at position t, and positions 0..n-1 are
-exactly `cached_tokens(slot)`. The model writes cells (kernels.attention.store_kv into
+exactly `cached_tokens(slot)`. The model writes cells (ggserve.kernels.attention.store_kv into
 `k_kernel` / `v_kernel`, or `write_layer` from numpy) and then records the tokens with `commit`;
 everything else only reads.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.ops import rope
+from ggserve.kernels.ops import rope
 
 KV_DTYPES = {"f16": np.float16, "f32": np.float32}
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.async_engine import AsyncEngine
-from engine.core import EngineConfig, EngineCore
+from ggserve.engine.async_engine import AsyncEngine
+from ggserve.engine.core import EngineConfig, EngineCore
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,9 @@ def build_async_engine(model_path: str | Path, config: EngineConfig | None = Non
 
     config.n_ctx == 0 means the model's training context per slot.
     """
-    from engine.gguf import GGUFFile
-    from engine.model import load_model
-    from engine.tokenizer import Tokenizer
+    from ggserve.engine.model.gguf import GGUFFile
+    from ggserve.engine.model.model import load_model
+    from ggserve.engine.tokenizer import Tokenizer
 
     config = config if config is not None else EngineConfig()
     gguf = GGUFFile(model_path)

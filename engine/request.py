@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.sampling import SamplingParams
+from ggserve.engine.sampling.sampler import SamplingParams
 
 
 class EngineError(RuntimeError):
@@ -174,7 +174,7 @@ class Timings:
 
 @dataclass(frozen=True)
 class TokenProbs:
-    """Logprob of one sampled token plus the top-n alternatives (engine.sampling.TokenLogprob)."""
+    """Logprob of one sampled token plus the top-n alternatives (ggserve.engine.sampling.sampler.TokenLogprob)."""
 
     token_id: int
     logprob: float

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.request import Request, TokenProbs
-from engine.scheduler import SampledToken, SchedulerOutput
+from ggserve.engine.request import Request, TokenProbs
+from ggserve.engine.scheduler import SampledToken, SchedulerOutput
 
 
 def _batch_span(chunk, n_prompt: int) -> tuple[int, int]:

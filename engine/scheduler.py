@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.request import Request, RequestOutput, RequestStatus, StopType, TokenProbs
-from engine.stats import SlotStats, StatsCollector
+from ggserve.engine.request import Request, RequestOutput, RequestStatus, StopType, TokenProbs
+from ggserve.engine.stats import SlotStats, StatsCollector
 
 if TYPE_CHECKING:
-    from engine.core import EngineConfig
+    from ggserve.engine.core import EngineConfig
 
 
 # A waiting request holds back for a running one's prefill when their prompts share at least

@@ -82,6 +82,11 @@ class EngineStats:
     ttft_seconds: HistogramData = field(default_factory=lambda: Histogram(TTFT_BUCKETS).snapshot())
     inter_token_seconds: HistogramData = field(default_factory=lambda: Histogram(ITL_BUCKETS).snapshot())
 
+    @classmethod
+    def empty(cls) -> "EngineStats":
+        """All zeros: what there is to report before an engine exists."""
+        return StatsCollector().snapshot((), 0, (0, 0))
+
     @property
     def kv_usage_ratio(self) -> float:
         return self.kv_used_cells / self.kv_total_cells if self.kv_total_cells else 0.0

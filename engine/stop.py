@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from engine.request import StopType
+from ggserve.engine.request import StopType
 
 
 class Detokenizer(Protocol):

@@ -1,9 +1,8 @@
 """Numba / numpy math kernels. Imports only numpy and numba; knows nothing of requests.
 
-`jit_cache` is imported first so numba caches every kernel in a directory keyed by the kernels'
-source (it reads the directory when a kernel is defined), then `threads`, so the OpenMP
-threading layer and libgomp's spin policy are chosen before any kernel module (ops, attention,
-matmul) can launch a parallel region.
+Importing this package loads nothing: `ggml_types` (the ggml type table) is plain Python, so
+the GGUF reader can use it without numba. Every module that defines a kernel imports
+`jit_cache` (numba caches kernels in a directory keyed by the kernels' source; it reads the
+directory when a kernel is defined) and `threads` (the OpenMP threading layer and libgomp's
+spin policy, chosen before any parallel region can launch) before its first kernel.
 """
-from kernels import jit_cache  # noqa: F401  (before any cache=True kernel is defined)
-from kernels import threads  # noqa: F401

@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.quant import _bits_f32, f16_round
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+from ggserve.kernels.quant import _bits_f32, f16_round
 
 U = np.uint64  # unsigned indices: no negative-index wraparound selects, so the loops vectorize
 ABS_BITS = np.int32(0x7FFFFFFF)  # an f32's bits but the sign

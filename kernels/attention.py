@@ -30,8 +30,9 @@ import numpy as np
 from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
-from kernels.lanes import fma, lane_dot, lane_sum, lane_sum8
-from kernels.quant import f16_round, f16_row_to_f32, f32_to_f16_bits
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+from ggserve.kernels.lanes import fma, lane_dot, lane_sum, lane_sum8
+from ggserve.kernels.quant import f16_round, f16_row_to_f32, f32_to_f16_bits
 
 
 def load_row(src, dst):

@@ -25,7 +25,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels.lanes import fma_ir, lane_sum_ir
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+from ggserve.kernels.lanes import fma_ir, lane_sum_ir
 
 # Chosen once per process from the CPU numba compiles for; numba's cache is keyed by CPU too.
 HAS_AVX2 = bool(llvm_binding.get_host_cpu_features().get("avx2", False))

@@ -14,9 +14,10 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels.intdot import (I8, I16, I32, I64, V16I16, V32I8, _as_i64, _bytes, _f16_value, _load, _pointer, _reduce_add,
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+from ggserve.kernels.intdot import (I8, I16, I32, I64, V16I16, V32I8, _as_i64, _bytes, _f16_value, _load, _pointer, _reduce_add,
                             _scaled_u8_quads, _splat)
-from kernels.lanes import fma_ir, lane_sum_ir
+from ggserve.kernels.lanes import fma_ir, lane_sum_ir
 
 
 def _k_quant_group_sums(builder, block, x_ptr, scale_for, has_fifth_bits=False):

@@ -9,7 +9,7 @@ directory by a digest of every kernels/*.py makes any change to them start a fre
 The base directory is NUMBA_CACHE_DIR when set (the Docker image and .ci/run set it), else the
 package's kernels/__pycache__ when writable, else ~/.cache/ggserve/numba (as numba itself falls
 back to a user-wide directory). This module must run before any kernel is decorated: numba
-reads the directory when a `cache=True` function is defined. kernels/__init__.py imports it first.
+reads the directory when a `cache=True` function is defined: every kernel module imports it first.
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+
 
 def fma_ir(builder, a, b, c):
     """a * b + c rounded once, for f32 scalars or <8 x float> vectors alike (llvm.fma)."""

@@ -29,10 +29,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.activations import q8_0_round_trip, q8_k_round_trip, quad_offsets, quantize_q8_0, quantize_q8_k
-from kernels.matmul_krows import QUAD, TILED, rows_q4_k, rows_q5_k, rows_q6_k
-from kernels.matmul_rows import rows_generic, rows_q5_0_int, rows_q8_0
-from kernels.quant import (Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, TYPE_NAMES, as_bytes, block_layout, deq_range, deq_rows_parallel,
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+from ggserve.kernels.activations import q8_0_round_trip, q8_k_round_trip, quad_offsets, quantize_q8_0, quantize_q8_k
+from ggserve.kernels.matmul_krows import QUAD, TILED, rows_q4_k, rows_q5_k, rows_q6_k
+from ggserve.kernels.matmul_rows import rows_generic, rows_q5_0_int, rows_q8_0
+from ggserve.kernels.ggml_types import Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, type_name
+from ggserve.kernels.quant import (as_bytes, block_layout, deq_range, deq_rows_parallel,
                            f16_table)
 
 K_QUANTS_Q8_K = (Q4_K, Q5_K, Q6_K)  # types whose kernels take x rounded to Q8_K
@@ -50,12 +52,12 @@ class QuantMatrix:
         self.ggml_type, self.m, self.k = int(ggml_type), int(m), int(k)
         self.block_size, self.block_bytes = block_layout(self.ggml_type)
         if self.m < 1 or self.k < 1 or self.k % self.block_size:
-            raise ValueError(f"{TYPE_NAMES[self.ggml_type]} matrix ({m}, {k}): k must be a positive "
+            raise ValueError(f"{type_name(self.ggml_type)} matrix ({m}, {k}): k must be a positive "
                              f"multiple of the block size {self.block_size}")
         self.data = as_bytes(data)  # uint8 (m * row_bytes,) read-only view, never a copy of a C array
         self.row_bytes = self.k // self.block_size * self.block_bytes
         if self.data.size != self.m * self.row_bytes:
-            raise ValueError(f"{TYPE_NAMES[self.ggml_type]} matrix ({m}, {k}) needs "
+            raise ValueError(f"{type_name(self.ggml_type)} matrix ({m}, {k}) needs "
                              f"{self.m * self.row_bytes} bytes, got {self.data.size}")
         rows = max(4, _TASK_BYTES // self.row_bytes // 4 * 4)
         starts = np.arange(0, self.m, rows, dtype=np.int64)
@@ -79,21 +81,21 @@ class QuantMatrix:
         return out
 
     def __repr__(self) -> str:
-        return f"QuantMatrix({TYPE_NAMES[self.ggml_type]}, m={self.m}, k={self.k})"
+        return f"QuantMatrix({type_name(self.ggml_type)}, m={self.m}, k={self.k})"
 
 
 @njit(cache=True)
 def _rows(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, xq, xd, xo, xqk, xdk, xbs, shapes, n, out, r0, r1, tmp):
     # out (n, m) flat, rows [r0, r1) of W (m, k) <- x (n, k) flat
-    if ggml_type == 8:
+    if ggml_type == Q8_0:
         rows_q8_0(u8, lut, m, k, xq, xd, n, out, r0, r1)
-    elif ggml_type == 6:
+    elif ggml_type == Q5_0:
         rows_q5_0_int(u8, lut, m, k, xq, xd, xo, n, out, r0, r1)
-    elif ggml_type == 12:
+    elif ggml_type == Q4_K:
         rows_q4_k(u8, lut, m, k, xqk, xdk, xbs, shapes, n, out, r0, r1)
-    elif ggml_type == 13:
+    elif ggml_type == Q5_K:
         rows_q5_k(u8, lut, m, k, xqk, xdk, xbs, shapes, n, out, r0, r1)
-    elif ggml_type == 14:
+    elif ggml_type == Q6_K:
         rows_q6_k(u8, lut, m, k, xqk, xdk, xbs, shapes, n, out, r0, r1)
     else:
         rows_generic(ggml_type, block_size, block_bytes, u8, lut, m, k, xf, n, out, r0, r1, tmp)
@@ -117,7 +119,7 @@ def _run_tasks(tasks, meta, u0, u1, u2, o0, o1, o2, lut, k, xf, activations, sha
     for t in prange(tasks.shape[0]):
         s = tasks[t, 0]
         ty = meta[s, 0]
-        fused = ty == 8 or ty == 6 or ty == 12 or ty == 13 or ty == 14
+        fused = ty == Q8_0 or ty == Q5_0 or ty == Q4_K or ty == Q5_K or ty == Q6_K
         tmp = np.empty(0 if fused else 4 * k, np.float32)  # decode scratch for rows_generic
         if s == 0:
             _rows(meta[0, 0], meta[0, 1], meta[0, 2], u0, lut, meta[0, 3], k, xf, xq, xd, xo, xqk, xdk, xbs, shapes, n, o0,

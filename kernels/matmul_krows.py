@@ -28,7 +28,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.intdot_kquant import dot_row_q4_k, dot_row_q4_k_quad, dot_row_q6_k, dot_row_q6_k_tiled, q5_k_block_isum
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+from ggserve.kernels.ggml_types import Q4_K
+from ggserve.kernels.intdot_kquant import dot_row_q4_k, dot_row_q4_k_quad, dot_row_q6_k, dot_row_q6_k_tiled, q5_k_block_isum
 
 U = np.uint64
 # bits of a row's `shapes` entry: the batch shape llama.cpp would sum that x row in
@@ -88,13 +90,13 @@ def _rows_by_shape(u8, lut, m, k, xq, xd, xbs, shapes, n, out, r0, r1, ggml_type
     # per thread is what the hardware prefetcher follows best (a burst of prefetches per row
     # streamed ~1.4x slower from DRAM, on Q6_K's 4 KB rows).
     nb = k // 256
-    row_bytes = nb * (144 if ggml_type == 12 else 210)
+    row_bytes = nb * (144 if ggml_type == Q4_K else 210)
     for r in range(r0, r1):
         o = U(r * row_bytes)
         for j in range(n):
-            if ggml_type == 12 and shapes[j] & QUAD:
+            if ggml_type == Q4_K and shapes[j] & QUAD:
                 out[j * m + r] = dot_row_q4_k_quad(u8, o, nb, lut, xq, xd, U(j * nb), xbs)
-            elif ggml_type == 12:
+            elif ggml_type == Q4_K:
                 out[j * m + r] = dot_row_q4_k(u8, o, nb, lut, xq, xd, U(j * nb), xbs)
             elif shapes[j] & TILED:
                 out[j * m + r] = dot_row_q6_k_tiled(u8, o, nb, lut, xq, xd, U(j * nb), xbs)

@@ -22,9 +22,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.intdot import dot_row_q5_0, dot_row_q8_0, dot_rows_q8_0, widen_q5_0_blocks
-from kernels.prefetch import prefetch_ahead
-from kernels.quant import deq_range
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+from ggserve.kernels.intdot import dot_row_q5_0, dot_row_q8_0, dot_rows_q8_0, widen_q5_0_blocks
+from ggserve.kernels.prefetch import prefetch_ahead
+from ggserve.kernels.quant import deq_range
 
 U = np.uint64
 

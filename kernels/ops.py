@@ -18,8 +18,9 @@ import math
 import numpy as np
 from numba import njit
 
-from kernels.lanes import fma
-from kernels.quant import f32_to_f16_bits
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+from ggserve.kernels.lanes import fma
+from ggserve.kernels.quant import f32_to_f16_bits
 
 GELU_COEF_A = 0.044715
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -30,7 +31,7 @@ SQRT_2_OVER_PI = 0.7978845608028654
 # later 8-bit rounding can turn into whole quantization steps). rmsnorm, rope, _bias_heads and
 # _rmsnorm_heads are inlined into the kernels that call them: called as separately compiled
 # functions, a caller loaded from numba's disk cache computed other last bits than the same caller
-# freshly compiled (tests/test_kernels_cache.py). They stay callable on their own.
+# freshly compiled (tests/kernels/test_jit_cache.py). They stay callable on their own.
 @njit(cache=True, inline="always")
 def rmsnorm(x, weight, eps, out):
     # x (n, d), weight (d,) -> out (n, d) = x / sqrt(mean(x^2) + eps) * weight; out may alias x

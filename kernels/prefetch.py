@@ -15,6 +15,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+
 # How far ahead of a kernel's progress to prefetch: one 4 KB page, measured best of 1-8 KB on a
 # Q8_0 matvec (24 GB/s at 4 KB vs 10 GB/s without prefetching, k = 640).
 PREFETCH_DISTANCE = 4096

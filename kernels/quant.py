@@ -1,7 +1,7 @@
 """GGML weight block layouts and numba dequantization for every supported type.
 
-Owns: the type table (ids match ggml / GGUF: F32=0 F16=1 Q4_0=2 Q4_1=3 Q5_0=6 Q5_1=7 Q8_0=8
-Q2_K=10 Q3_K=11 Q4_K=12 Q5_K=13 Q6_K=14 BF16=30), the f16 -> f32 lookup table, scalar f32 -> f16
+Owns: which ggml types the kernels decode (`SUPPORTED_TYPES`; ids and layouts are
+ggml_types.py's), the f16 -> f32 lookup table, scalar f32 -> f16
 rounding (`f32_to_f16_bits`, `f16_round`), and `dequantize` / `dequantize_blocks` which expand
 raw row-major block bytes to f32.
 
@@ -20,29 +20,21 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from kernels import threads  # noqa: F401  (selects the OpenMP threading layer before any parallel launch)
-from kernels.quant_kquants import deq_q2_k, deq_q3_k, deq_q4_k, deq_q5_k, deq_q6_k
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+from ggserve.kernels.ggml_types import (BF16, BLOCK_LAYOUT, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
+                                        GGMLType, type_name)
+from ggserve.kernels.quant_kquants import deq_q2_k, deq_q3_k, deq_q4_k, deq_q5_k, deq_q6_k
 
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
-
-# ggml type id -> (elements per block, bytes per block)
-BLOCK_LAYOUT: dict[int, tuple[int, int]] = {
-    F32: (1, 4), F16: (1, 2), BF16: (1, 2),
-    Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
-    Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
-}
-TYPE_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0",
-              Q5_1: "Q5_1", Q8_0: "Q8_0", Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K",
-              Q6_K: "Q6_K"}
+# The types these kernels decode; the layouts themselves are ggml_types.BLOCK_LAYOUT.
+SUPPORTED_TYPES: tuple[int, ...] = (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 
 
 def block_layout(ggml_type: int) -> tuple[int, int]:
     """(elements per block, bytes per block); ValueError for types ggserve cannot run."""
-    try:
-        return BLOCK_LAYOUT[int(ggml_type)]
-    except KeyError:
-        raise ValueError(f"unsupported ggml type {ggml_type}; supported: {sorted(TYPE_NAMES.values())}") from None
+    if int(ggml_type) not in SUPPORTED_TYPES:
+        supported = sorted(type_name(t) for t in SUPPORTED_TYPES)
+        raise ValueError(f"unsupported ggml type {int(ggml_type)} ({type_name(ggml_type)}); supported: {supported}")
+    return BLOCK_LAYOUT[GGMLType(int(ggml_type))]
 
 
 @functools.lru_cache(maxsize=1)
@@ -230,49 +222,49 @@ def deq_q8_0(u8, lut, o, y, yo, n16):
 @njit(cache=True)
 def deq_range(ggml_type, u8, lut, blk0, nblk, block_size, block_bytes, y, yo):
     # blocks [blk0, blk0+nblk) of u8 -> y[yo : yo + nblk*block_size]
-    if ggml_type == 0:  # F32: plain little-endian floats; view instead of bit assembly
+    if ggml_type == F32:  # F32: plain little-endian floats; view instead of bit assembly
         src = u8[blk0 * 4:(blk0 + nblk) * 4].view(np.float32)
         for i in range(nblk):
             y[yo + i] = src[i]
-    elif ggml_type == 30:  # BF16: the f32 with the low 16 mantissa bits zero
+    elif ggml_type == BF16:  # BF16: the f32 with the low 16 mantissa bits zero
         bits = y[yo:yo + nblk].view(np.uint32)
         for i in range(nblk):
             o = (blk0 + i) * 2
             bits[i] = (np.uint32(u8[o]) << np.uint32(16)) | (np.uint32(u8[o + 1]) << np.uint32(24))
-    elif ggml_type == 1:  # F16: little-endian halves, converted by bit placement
+    elif ggml_type == F16:  # F16: little-endian halves, converted by bit placement
         f16_row_to_f32(u8[blk0 * 2:(blk0 + nblk) * 2].view(np.uint16), y[yo:yo + nblk])
     else:
         # dispatch once, then a tight loop over blocks (a per-block dispatch was 2x slower)
         n16 = (block_size >> 5) * 16 if block_size == 32 else block_size >> 4  # 16, opaque to LLVM
         o0 = blk0 * block_bytes
-        if ggml_type == 2:
+        if ggml_type == Q4_0:
             for b in range(nblk):
                 deq_q4_0(u8, lut, o0 + b * block_bytes, y, yo + b * block_size, n16)
-        elif ggml_type == 3:
+        elif ggml_type == Q4_1:
             for b in range(nblk):
                 deq_q4_1(u8, lut, o0 + b * block_bytes, y, yo + b * block_size, n16)
-        elif ggml_type == 6:
+        elif ggml_type == Q5_0:
             for b in range(nblk):
                 deq_q5_0(u8, lut, o0 + b * block_bytes, y, yo + b * block_size, n16)
-        elif ggml_type == 7:
+        elif ggml_type == Q5_1:
             for b in range(nblk):
                 deq_q5_1(u8, lut, o0 + b * block_bytes, y, yo + b * block_size, n16)
-        elif ggml_type == 8:
+        elif ggml_type == Q8_0:
             for b in range(nblk):
                 deq_q8_0(u8, lut, o0 + b * block_bytes, y, yo + b * block_size, n16)
-        elif ggml_type == 10:
+        elif ggml_type == Q2_K:
             for b in range(nblk):
                 deq_q2_k(u8, lut, o0 + b * block_bytes, y, yo + b * block_size, n16)
-        elif ggml_type == 11:
+        elif ggml_type == Q3_K:
             for b in range(nblk):
                 deq_q3_k(u8, lut, o0 + b * block_bytes, y, yo + b * block_size, n16)
-        elif ggml_type == 12:
+        elif ggml_type == Q4_K:
             for b in range(nblk):
                 deq_q4_k(u8, lut, o0 + b * block_bytes, y, yo + b * block_size, n16)
-        elif ggml_type == 13:
+        elif ggml_type == Q5_K:
             for b in range(nblk):
                 deq_q5_k(u8, lut, o0 + b * block_bytes, y, yo + b * block_size, n16)
-        elif ggml_type == 14:
+        elif ggml_type == Q6_K:
             for b in range(nblk):
                 deq_q6_k(u8, lut, o0 + b * block_bytes, y, yo + b * block_size, n16)
 
@@ -298,11 +290,11 @@ def dequantize(data: np.ndarray, ggml_type: int, n_elements: int) -> np.ndarray:
     """Raw block bytes of `ggml_type` -> f32 (n_elements,). ValueError if sizes disagree."""
     block_size, block_bytes = block_layout(ggml_type)
     if n_elements % block_size:
-        raise ValueError(f"{TYPE_NAMES[int(ggml_type)]}: n_elements {n_elements} is not a multiple of {block_size}")
+        raise ValueError(f"{type_name(ggml_type)}: n_elements {n_elements} is not a multiple of {block_size}")
     u8 = as_bytes(data)
     nblk = n_elements // block_size
     if u8.size != nblk * block_bytes:
-        raise ValueError(f"{TYPE_NAMES[int(ggml_type)]}: expected {nblk * block_bytes} bytes for "
+        raise ValueError(f"{type_name(ggml_type)}: expected {nblk * block_bytes} bytes for "
                          f"{n_elements} elements, got {u8.size}")
     y = np.empty(n_elements, np.float32)
     deq_range(int(ggml_type), u8, f16_table(), 0, nblk, block_size, block_bytes, y, 0)

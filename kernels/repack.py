@@ -19,10 +19,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.quant import BLOCK_LAYOUT, Q4_0, Q5_0, Q8_0
+from ggserve.kernels import jit_cache, threads  # noqa: F401  (numba cache dir + threading layer before any kernel)
+from ggserve.kernels.ggml_types import BLOCK_LAYOUT, Q4_0, Q5_0, GGMLType
 
 WIDENED_TYPES = (Q4_0,)  # GGML types the model widens at load (widen_to_q8_0 also takes Q5_0)
-Q8_0_BLOCK_BYTES = BLOCK_LAYOUT[Q8_0][1]
+Q8_0_BLOCK_BYTES = BLOCK_LAYOUT[GGMLType.Q8_0][1]
 
 
 @njit(cache=True, parallel=True)
@@ -53,7 +54,7 @@ def widen_to_q8_0(src: np.ndarray, ggml_type: int) -> np.ndarray:
     """Q4_0 or Q5_0 block bytes (uint8) -> a new array holding the same weights as Q8_0 blocks."""
     if ggml_type not in (Q4_0, Q5_0):
         raise ValueError(f"only Q4_0 and Q5_0 widen to Q8_0, got GGML type {ggml_type}")
-    block_bytes = BLOCK_LAYOUT[ggml_type][1]
+    block_bytes = BLOCK_LAYOUT[GGMLType(ggml_type)][1]
     src = np.ascontiguousarray(src, dtype=np.uint8).reshape(-1)
     if src.size % block_bytes:
         raise ValueError(f"data must be whole {block_bytes}-byte blocks, got {src.size} bytes")

@@ -13,7 +13,7 @@ regions of one step, so an idle machine keeps the cheap launches.
 
 numba fixes the layer at its first parallel launch and libgomp reads its environment when it
 is loaded (also at that launch), so this module must be imported before one happens: it is
-imported by kernels.quant (hence by every kernel module). Explicit settings in the
+imported by every kernel module before its first kernel. Explicit settings in the
 environment always win; without the OpenMP runtime the layer falls back to 'workqueue'.
 """
 from __future__ import annotations

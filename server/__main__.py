@@ -7,18 +7,18 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "tokenize":
-        from server.cli_tokenize import main as tokenize_main
+        from ggserve.server.cli.tokenize import main as tokenize_main
 
         return tokenize_main(argv[1:])
     if argv and argv[0] == "info":
-        from server.cli_info import main as info_main
+        from ggserve.server.cli.info import main as info_main
 
         return info_main(argv[1:])
     if argv and argv[0] == "generate":
-        from server.cli_generate import main as generate_main
+        from ggserve.server.cli.generate import main as generate_main
 
         return generate_main(argv[1:])
-    from server.cli_serve import main as serve_main
+    from ggserve.server.cli.serve import main as serve_main
 
     return serve_main(argv)
 

@@ -1,11 +1,10 @@
-"""The FastAPI application: factory, shared state, lifespan (background model loading), CORS.
+"""The FastAPI application: factory, lifespan (background model loading), CORS.
 
-Owns: `create_app(settings, engine=None)`; `ServerState` (settings, engine once loaded, chat
-template, per-slot context, metrics, drain state); the lifespan that builds the engine in a
-worker thread so /health can answer 503 "Loading model" meanwhile, and shuts it down at exit;
-the middleware stack (access log outermost, then CORS, then the drain gate, so even a 503
-"shutting down" carries CORS headers and gets an access line); and `ready_state`, the
-dependency every model-backed route uses to get the loaded state (or a 503).
+Owns: `create_app(settings, engine=None)`; the lifespan that builds the engine in a worker
+thread so /health can answer 503 "Loading model" meanwhile, fills in the `ServerState`
+(server/state.py) and shuts the engine down at exit; the middleware stack (access log
+outermost, then CORS, then the drain gate, so even a 503 "shutting down" carries CORS headers
+and gets an access line).
 """
 from __future__ import annotations
 
@@ -15,57 +14,24 @@ import sys
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from server import engine_api
-from server.access_log import AccessLogMiddleware
-from server.errors import APIError, install_error_handlers
-from server.metrics import ServerMetrics
-from server.served_engine import ServedEngine
-from server.settings import ServerSettings
-from server.shutdown import DrainGate, DrainState
+from ggserve.server import engine_api, model_store
+from ggserve.server.access_log import AccessLogMiddleware
+from ggserve.server.chat.template import ChatTemplate
+from ggserve.server.errors import install_error_handlers
+from ggserve.server.metrics import ServerMetrics
+from ggserve.server.routes import register_routes
+from ggserve.server.served_engine import ServedEngine
+from ggserve.server.settings import ServerSettings
+from ggserve.server.shutdown import DrainGate, DrainState
+from ggserve.server.state import ServerState
 
 log = logging.getLogger("ggserve.server")
-
-
-@dataclass
-class ServerState:
-    settings: ServerSettings
-    engine: Any = None
-    chat_template: Any = None
-    n_ctx_slot: int = 0
-    model_name: str = "ggserve"
-    load_error: str | None = None
-    started_at: float = field(default_factory=time.time)
-    default_sampling: dict[str, Any] = field(default_factory=dict)  # POST /props can change these
-    metrics: ServerMetrics | None = None
-    drain: DrainState = field(default_factory=DrainState)  # SIGTERM handling (server/shutdown.py)
-
-    @property
-    def ready(self) -> bool:
-        return self.engine is not None and self.chat_template is not None
-
-    def abort_running(self) -> int:
-        """Abort every running generation (a shutdown out of time); returns how many."""
-        return self.engine.abort_running() if self.engine is not None else 0
-
-    @property
-    def n_slots(self) -> int:
-        return int(getattr(self.engine.config, "n_slots", self.settings.n_parallel))
-
-
-def ready_state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.ggserve
-    if state.load_error is not None:
-        raise APIError(500, f"model failed to load: {state.load_error}")
-    if not state.ready:
-        raise APIError(503, "Loading model", type="unavailable_error", headers={"Retry-After": "1"})
-    return state
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -99,7 +65,7 @@ def engine_config(settings: ServerSettings, model_path: str) -> Any:
 
 def build_engine(settings: ServerSettings) -> Any:
     """Blocking: resolve the model, size the context, build the engine (runs in a thread)."""
-    model_path = settings.model_path or str(engine_api.ensure_model())
+    model_path = settings.model_path or str(model_store.ensure_model())
     return engine_api.build_async_engine(model_path, engine_config(settings, model_path))
 
 
@@ -110,7 +76,7 @@ def make_chat_template(settings: ServerSettings, engine: Any) -> Any:
     if settings.chat_template_file:
         source = Path(settings.chat_template_file).read_text(encoding="utf-8")
     info = engine.model_info
-    return engine_api.ChatTemplate.for_model(
+    return ChatTemplate.for_model(
         info.metadata, engine.tokenizer, name=settings.chat_template, source=source
     )
 
@@ -254,7 +220,5 @@ def create_app(
         max_age=600,
     )
     app.add_middleware(AccessLogMiddleware)
-    from server.routes import register_routes
-
     register_routes(app, settings)
     return app

@@ -10,7 +10,7 @@ import hmac
 
 from fastapi import Request
 
-from server.errors import APIError
+from ggserve.server.errors import APIError
 
 
 def supplied_key(request: Request) -> str | None:

@@ -10,8 +10,8 @@ import secrets
 import time
 from typing import Any
 
-from server import engine_api
-from server.generation import Completion
+from ggserve.server import engine_api
+from ggserve.server.generation import Completion
 
 SYSTEM_FINGERPRINT = "ggserve-0.1.0"
 

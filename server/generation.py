@@ -17,8 +17,8 @@ from typing import Any, AsyncIterator, Sequence
 
 from fastapi import Request
 
-from server import engine_api
-from server.errors import APIError, context_exceeded
+from ggserve.server import engine_api
+from ggserve.server.errors import APIError, context_exceeded
 
 DISCONNECT_POLL_SECONDS = 0.25
 RETRY_AFTER_SECONDS = "1"
@@ -43,18 +43,14 @@ class Completion:
     def add(self, out: Any) -> None:
         self.content += out.new_text or ""
         self.token_ids.extend(out.new_token_ids or ())
-        self.logprobs.extend(engine_api.read_logprobs(getattr(out, "logprobs", None)))
-        slot_id = getattr(out, "slot_id", None)
-        if slot_id is not None:
-            self.slot_id = int(slot_id)
-        if getattr(out, "truncated", False):
-            self.truncated = True
-        if getattr(out, "timings", None) is not None:
-            self.timings = engine_api.read_timings(out.timings)
+        self.logprobs.extend(engine_api.read_logprobs(out.logprobs))
+        self.slot_id = out.slot_id
+        self.truncated = self.truncated or out.truncated
+        self.timings = engine_api.read_timings(out.timings)
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
-            self.stop_type = getattr(out, "stop_type", None) or "none"
-            self.stopping_word = getattr(out, "stopping_word", None) or ""
+            self.stop_type = out.stop_type
+            self.stopping_word = out.stopping_word
 
     @property
     def n_cached_prompt_tokens(self) -> int:
@@ -127,9 +123,8 @@ class Generation:
             raise StopAsyncIteration
         self._observe(out)
         self.completion.add(out)
-        if out.finish_reason is not None or getattr(out, "is_finished", False):
+        if out.is_finished:
             self.finished = True
-            self._metrics.record_finished(self.completion)
         return out
 
     def _observe(self, out: Any) -> None:

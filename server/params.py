@@ -12,29 +12,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from server import engine_api
-from server.errors import bad_request
-from server.protocol import SamplingFields
-from server.settings import ServerSettings
+from ggserve.server import engine_api
+from ggserve.server.errors import bad_request
+from ggserve.server.protocol import SamplingFields
+from ggserve.server.settings import ServerSettings
 
-# llama.cpp's sampler names (common_sampler_type_from_name) and one-letter codes
-SAMPLER_ALIASES = {
-    "dry": "dry", "top_k": "top_k", "top-k": "top_k", "typ_p": "typ_p", "typical_p": "typ_p",
-    "typ-p": "typ_p", "typical": "typ_p", "top_p": "top_p", "top-p": "top_p", "nucleus": "top_p",
-    "top_n_sigma": "top_n_sigma", "top-n-sigma": "top_n_sigma", "min_p": "min_p", "min-p": "min_p",
-    "temperature": "temperature", "temp": "temperature", "xtc": "xtc", "infill": "infill",
-    "penalties": "penalties",
-}
-SAMPLER_CHARS = {
-    "d": "dry", "k": "top_k", "y": "typ_p", "p": "top_p", "s": "top_n_sigma", "m": "min_p",
-    "t": "temperature", "x": "xtc", "i": "infill", "e": "penalties",
-}
 # request fields passed to SamplingParams under the same name when the client sets them
 PASSTHROUGH_SAMPLING = (
     "typical_p", "top_n_sigma", "repeat_last_n", "presence_penalty", "frequency_penalty",
     "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers",
     "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent", "mirostat",
-    "mirostat_tau", "mirostat_eta", "min_keep",
+    "mirostat_tau", "mirostat_eta", "min_keep", "adaptive_target", "adaptive_decay",
 )
 
 
@@ -64,56 +52,23 @@ def normalize_stop(stop: str | list[str] | None) -> list[str]:
     return [w for w in words if w]
 
 
-def normalize_samplers(samplers: list[str] | str | None) -> tuple[str, ...] | None:
-    if samplers is None:
+def parse_logit_bias(req: SamplingFields, tokenizer: Any) -> list[tuple[int, float]]:
+    """The engine's one logit_bias normaliser (llama.cpp's rules); its ValueError is a 400."""
+    try:
+        return engine_api.parse_logit_bias(req.logit_bias, tokenizer.n_vocab, tokenizer)
+    except ValueError as exc:
+        raise bad_request(str(exc), "logit_bias") from None
+
+
+def normalize_samplers(req: SamplingFields) -> tuple[str, ...] | None:
+    """The engine's one sampler-name table (llama.cpp's names, aliases and letters); a 400 for
+    a name it does not know."""
+    if req.samplers is None:
         return None
-    if isinstance(samplers, str):
-        unknown = [c for c in samplers if c not in SAMPLER_CHARS]
-        if unknown:
-            raise bad_request(f"unknown sampler code(s) {''.join(unknown)!r}", "samplers")
-        return tuple(SAMPLER_CHARS[c] for c in samplers)
-    names = []
-    for name in samplers:
-        key = name.strip().lower()
-        if key not in SAMPLER_ALIASES:
-            raise bad_request(f"unknown sampler {name!r}", "samplers")
-        names.append(SAMPLER_ALIASES[key])
-    return tuple(names)
-
-
-def _bias_value(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return -math.inf if value is False else None  # llama.cpp: false bans, true is ignored
-    if isinstance(value, (int, float)):
-        return float(value)
-    return None
-
-
-def normalize_logit_bias(logit_bias: Any, tokenizer: Any) -> dict[int, float]:
-    """{token_id: bias} from {"id": bias}, {"text": bias} or [[id|text, bias], ...]."""
-    if not logit_bias:
-        return {}
-    pairs = logit_bias.items() if isinstance(logit_bias, dict) else logit_bias
-    result: dict[int, float] = {}
-    for pair in pairs:
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise bad_request("logit_bias entries must be [token, bias] pairs", "logit_bias")
-        key, value = pair
-        bias = _bias_value(value)
-        if bias is None:
-            continue
-        if isinstance(key, str) and key.lstrip("-").isdigit():
-            key = int(key)
-        if isinstance(key, int) and not isinstance(key, bool):
-            if not 0 <= key < tokenizer.n_vocab:
-                raise bad_request(f"logit_bias token id {key} is out of the vocabulary", "logit_bias")
-            result[key] = bias
-        elif isinstance(key, str):
-            for token_id in tokenizer.encode(key, add_special=False, parse_special=False):
-                result[token_id] = bias
-        else:
-            raise bad_request("logit_bias keys must be token ids or strings", "logit_bias")
-    return result
+    try:
+        return engine_api.normalize_samplers(req.samplers)
+    except ValueError as exc:
+        raise bad_request(str(exc), "samplers") from None
 
 
 def resolve_grammar(req: SamplingFields) -> tuple[str | None, dict | None]:
@@ -175,14 +130,14 @@ def build_params(
         else defaults.get("repeat_penalty", settings.repeat_penalty),
         "seed": req.seed if req.seed is not None else defaults.get("seed", settings.seed),
         "n_probs": n_probs,
-        "logit_bias": normalize_logit_bias(req.logit_bias, tokenizer),
+        "logit_bias": parse_logit_bias(req, tokenizer),
         "ignore_eos": req.ignore_eos,
     }
     for name in PASSTHROUGH_SAMPLING:
         value = getattr(req, name)
         if value is not None:
             sampling[name] = value
-    samplers = normalize_samplers(req.samplers)
+    samplers = normalize_samplers(req)
     if samplers is not None:
         sampling["samplers"] = samplers
     grammar, schema = resolve_grammar(req)
@@ -210,8 +165,8 @@ def build_params(
 
     settings_json = {
         **{k: v for k, v in sampling.items() if k not in ("logit_bias", "samplers")},
-        "logit_bias": [{"token": t, "bias": b if math.isfinite(b) else None} for t, b in sampling["logit_bias"].items()],
-        "samplers": list(getattr(sampling_params, "samplers", None) or samplers or ()),
+        "logit_bias": [{"token": t, "bias": b if math.isfinite(b) else None} for t, b in sampling["logit_bias"]],
+        "samplers": list(sampling_params.samplers),
         "n_predict": n_predict,
         "max_tokens": n_predict,
         "stop": stop,

@@ -10,9 +10,9 @@ import json
 from typing import Any, Literal, Union
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from server.errors import APIError, _describe_validation
+from ggserve.server.errors import APIError, _describe_validation
 
 MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 128
@@ -57,6 +57,8 @@ class SamplingFields(_Body):
     mirostat: Literal[0, 1, 2] | None = None
     mirostat_tau: float | None = None
     mirostat_eta: float | None = None
+    adaptive_target: float | None = None  # clamped to <= 1 (llama-server's soft limit); < 0 disables
+    adaptive_decay: float | None = Field(default=None, ge=0, le=0.99)  # llama-server's hard limit
     min_keep: int | None = Field(default=None, ge=0)
     seed: int | None = None
     logit_bias: Union[dict[str, Union[float, bool]], list[list[Any]], None] = None
@@ -79,6 +81,11 @@ class SamplingFields(_Body):
     # choices per prompt (OpenAI endpoints; each is its own engine request, queued when the
     # slots are busy); OpenAI's own limit
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+
+    @field_validator("adaptive_target")
+    @classmethod
+    def _clamp_adaptive_target(cls, value: float | None) -> float | None:
+        return value if value is None else min(value, 1.0)
 
 
 class CompletionRequest(SamplingFields):

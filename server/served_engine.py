@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from server.access_log import AccessRecord, current_record
+from ggserve.server.access_log import AccessRecord, current_record
 
 
 class ServedEngine:
@@ -46,19 +46,17 @@ class ServedEngine:
             self.running.add(request_id)
         try:
             async for out in iterator:
-                n_predicted += len(getattr(out, "new_token_ids", None) or ())
-                if getattr(out, "timings", None) is not None:
-                    timings = out.timings
+                n_predicted += len(out.new_token_ids)
+                timings = out.timings
                 yield out
         finally:
             self.running.discard(request_id)
             if record is not None:
-                # the engine's own count is authoritative when it sent one (with the final output)
-                predicted_n = getattr(timings, "predicted_n", None)
+                # the engine's own count is authoritative once it sent an output
                 record.n_generations += 1
                 record.prompt_tokens += n_prompt
-                record.predicted_tokens += int(predicted_n) if predicted_n is not None else n_predicted
-                record.cached_tokens += int(getattr(timings, "cache_n", 0) or 0)
+                record.predicted_tokens += timings.predicted_n if timings is not None else n_predicted
+                record.cached_tokens += timings.cache_n if timings is not None else 0
             close = getattr(iterator, "aclose", None)
             if close is not None:
                 await close()

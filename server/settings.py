@@ -2,7 +2,7 @@
 
 Owns: `ServerSettings` (field names match the TOML config keys; defaults match llama-server),
 the derived per-slot context size, and the default sampling settings the CLI can change.
-Parsing argv / environment / TOML into these fields is `server/cli_serve.py`'s job.
+Parsing argv / environment / TOML into these fields is `server/cli/serve.py`'s job.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import uvicorn
 from fastapi.responses import JSONResponse
 
-from server.errors import APIError
+from ggserve.server.errors import APIError
 
 log = logging.getLogger("ggserve.server")
 

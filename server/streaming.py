@@ -14,8 +14,8 @@ from typing import Any, AsyncIterator, Sequence
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from server.errors import APIError
-from server.generation import Generation, close_all
+from ggserve.server.errors import APIError
+from ggserve.server.generation import Generation, close_all
 
 log = logging.getLogger("ggserve.server")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.testdata import reference_data_dir
-from engine.model_store import GEMMA3_270M, QWEN_CODER_05B, BundledModel, ModelNotAvailable, ensure_model
+from ggserve.server.model_store import GEMMA3_270M, QWEN_CODER_05B, BundledModel, ModelNotAvailable, ensure_model
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.kv_cache import RopeSpec
+from ggserve.engine.kv_cache import RopeSpec
 
 
 @dataclass(frozen=True)

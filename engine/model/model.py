@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.kv_cache import KVCache
-from kernels.attention import attention, store_kv
-from kernels.matmul import blas_rows_by_group, get_rows, matmul, matmul_multi, row_shapes_by_group, row_shapes_by_span
-from kernels.ops import gelu_f16_table, gelu_mul, prepare_qkv, residual_rmsnorm, rmsnorm, silu_mul, softcap
+from ggserve.engine.kv_cache import KVCache
+from ggserve.kernels.attention import attention, store_kv
+from ggserve.kernels.matmul import blas_rows_by_group, get_rows, matmul, matmul_multi, row_shapes_by_group, row_shapes_by_span
+from ggserve.kernels.ops import gelu_f16_table, gelu_mul, prepare_qkv, residual_rmsnorm, rmsnorm, silu_mul, softcap
 
 from .config import ModelConfig
 from .scratch import Scratch

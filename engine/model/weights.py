@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.gguf import GGMLType
-from kernels.matmul import QuantMatrix
-from kernels.repack import WIDENED_TYPES, widen_to_q8_0
+from ggserve.engine.model.gguf import GGMLType
+from ggserve.kernels.matmul import QuantMatrix
+from ggserve.kernels.repack import WIDENED_TYPES, widen_to_q8_0
 
 from .config import ModelConfig
 

@@ -4,8 +4,8 @@ pre-tokenizers), WPM, special-token handling and UTF-8-safe detokenization.
 Public API: `Tokenizer` (from_gguf / from_metadata, encode, decode, token_to_piece, special
 ids, EOG set) and `IncrementalDetokenizer`.
 """
-from engine.tokenizer.detokenizer import IncrementalDetokenizer
-from engine.tokenizer.tokenizer import Tokenizer
-from engine.tokenizer.vocab import Vocab
+from ggserve.engine.tokenizer.detokenizer import IncrementalDetokenizer
+from ggserve.engine.tokenizer.tokenizer import Tokenizer
+from ggserve.engine.tokenizer.vocab import Vocab
 
 __all__ = ["Tokenizer", "IncrementalDetokenizer", "Vocab"]

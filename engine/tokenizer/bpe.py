@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import heapq
 
-from engine.tokenizer.piece_cache import PieceCache
-from engine.tokenizer.pretokenizer import PreTokenizer
-from engine.tokenizer.vocab import Vocab
+from ggserve.engine.tokenizer.piece_cache import PieceCache
+from ggserve.engine.tokenizer.pretokenizer import PreTokenizer
+from ggserve.engine.tokenizer.vocab import Vocab
 
 
 

@@ -14,8 +14,8 @@ import codecs
 import re
 from typing import Iterable
 
-from engine.tokenizer.bpe import UNICODE_TO_BYTE
-from engine.tokenizer.vocab import (ATTR_BYTE, ATTR_CONTROL, ATTR_NORMAL, ATTR_UNKNOWN, ATTR_USER_DEFINED,
+from ggserve.engine.tokenizer.bpe import UNICODE_TO_BYTE
+from ggserve.engine.tokenizer.vocab import (ATTR_BYTE, ATTR_CONTROL, ATTR_NORMAL, ATTR_UNKNOWN, ATTR_USER_DEFINED,
                                     VOCAB_BPE, Vocab)
 
 _ATTR_SPECIAL = ATTR_UNKNOWN | ATTR_CONTROL
@@ -54,7 +54,7 @@ class PieceTable:
 
 
 def _raw(text: str) -> bytes:
-    """Token text back to its file bytes (engine.gguf keeps invalid UTF-8 as surrogate escapes)."""
+    """Token text back to its file bytes (ggserve.engine.model.gguf keeps invalid UTF-8 as surrogate escapes)."""
     return text.encode("utf-8", "surrogateescape")
 
 

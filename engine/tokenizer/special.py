@@ -14,7 +14,7 @@ whose prefix occurs); a 262k vocab with ~6k control tokens costs a few hundred t
 """
 from __future__ import annotations
 
-from engine.tokenizer.vocab import (ATTR_CONTROL, ATTR_LSTRIP, ATTR_RSTRIP, ATTR_UNKNOWN, Vocab)
+from ggserve.engine.tokenizer.vocab import (ATTR_CONTROL, ATTR_LSTRIP, ATTR_RSTRIP, ATTR_UNKNOWN, Vocab)
 
 _C_SPACE = " \t\n\v\f\r"  # C isspace() in the "C" locale
 _PREFIX_LEN = 6

@@ -15,8 +15,8 @@ from __future__ import annotations
 import heapq
 import re
 
-from engine.tokenizer.piece_cache import PieceCache
-from engine.tokenizer.vocab import Vocab
+from ggserve.engine.tokenizer.piece_cache import PieceCache
+from ggserve.engine.tokenizer.vocab import Vocab
 
 SPACE_ESCAPE = "\u2581"  # ▁
 
@@ -35,7 +35,7 @@ class SPMModel:
         ids: list[int | None] = []
         for b in range(256):
             token_id = t2i.get(f"<0x{b:02X}>")
-            if token_id is None:  # a one-byte token; engine.gguf keeps invalid UTF-8 as surrogates
+            if token_id is None:  # a one-byte token; ggserve.engine.model.gguf keeps invalid UTF-8 as surrogates
                 token_id = t2i.get(chr(b) if b < 0x80 else chr(0xDC00 + b))
             ids.append(token_id)
         return ids

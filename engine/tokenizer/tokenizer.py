@@ -9,13 +9,13 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from engine.tokenizer.bpe import BPEModel
-from engine.tokenizer.detokenizer import PieceTable, detokenize
-from engine.tokenizer.special import SpecialSplitter
-from engine.tokenizer.spm import SPACE_ESCAPE, SPMModel
-from engine.tokenizer.vocab import (ATTR_CONTROL, ATTR_USER_DEFINED, VOCAB_BPE, VOCAB_SPM, VOCAB_WPM,
+from ggserve.engine.tokenizer.bpe import BPEModel
+from ggserve.engine.tokenizer.detokenizer import PieceTable, detokenize
+from ggserve.engine.tokenizer.special import SpecialSplitter
+from ggserve.engine.tokenizer.spm import SPACE_ESCAPE, SPMModel
+from ggserve.engine.tokenizer.vocab import (ATTR_CONTROL, ATTR_USER_DEFINED, VOCAB_BPE, VOCAB_SPM, VOCAB_WPM,
                                     Vocab)
-from engine.tokenizer.wpm import WPMModel
+from ggserve.engine.tokenizer.wpm import WPMModel
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.tokenizer.pretokenizer import pre_type_options
+from ggserve.engine.tokenizer.pretokenizer import pre_type_options
 
 # GGUF token types (tokenizer.ggml.token_type) -> llama.cpp token attribute bits.
 ATTR_UNDEFINED = 0

@@ -11,7 +11,7 @@ import unicodedata
 
 import regex
 
-from engine.tokenizer.vocab import Vocab
+from ggserve.engine.tokenizer.vocab import Vocab
 
 _WHITESPACE = regex.compile(r"\s")
 _CONTROL = regex.compile(r"\p{C}")

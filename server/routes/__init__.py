@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI
 
-from server.auth import require_api_key
-from server.settings import ServerSettings
+from ggserve.server.auth import require_api_key
+from ggserve.server.routes import completion, embeddings, info, openai, slot_files, tokenize, webui
+from ggserve.server.settings import ServerSettings
 
 
 def register_routes(app: FastAPI, settings: ServerSettings) -> None:
-    from server.routes import completion, embeddings, info, openai, slot_files, tokenize, webui
-
     app.include_router(info.public)
     if settings.webui:
         app.include_router(webui.router)

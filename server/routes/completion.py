@@ -13,13 +13,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server import formatting, prompts
-from server.app import ServerState, ready_state
-from server.errors import bad_request
-from server.generation import Generation, collect, start_many
-from server.params import PreparedParams, build_params, resolve_n_predict
-from server.protocol import CompletionRequest, InfillRequest, parse_body
-from server.streaming import sse_response
+from ggserve.server import formatting
+from ggserve.server.chat import prompts
+from ggserve.server.state import ServerState, ready_state
+from ggserve.server.errors import bad_request
+from ggserve.server.generation import Generation, collect, start_many
+from ggserve.server.params import PreparedParams, build_params, resolve_n_predict
+from ggserve.server.protocol import CompletionRequest, InfillRequest, parse_body
+from ggserve.server.streaming import sse_response
 
 router = APIRouter()
 

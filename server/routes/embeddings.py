@@ -14,10 +14,10 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from server import prompts
-from server.app import ServerState, ready_state
-from server.errors import APIError, bad_request
-from server.protocol import EmbeddingRequest, parse_body
+from ggserve.server.chat import prompts
+from ggserve.server.state import ServerState, ready_state
+from ggserve.server.errors import APIError, bad_request
+from ggserve.server.protocol import EmbeddingRequest, parse_body
 
 router = APIRouter()
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from server import engine_api, formatting
-from server.app import ServerState, ready_state
-from server.errors import APIError
-from server.metrics import CONTENT_TYPE
-from server.protocol import PropsUpdate, parse_body
+from ggserve.server import engine_api, formatting
+from ggserve.server.state import ServerState, ready_state
+from ggserve.server.errors import APIError
+from ggserve.server.metrics import CONTENT_TYPE
+from ggserve.server.protocol import PropsUpdate, parse_body
 
 public = APIRouter()
 protected = APIRouter()
@@ -113,17 +113,17 @@ async def slots(request: Request, state: ServerState = Depends(ready_state)):
         raise APIError(501, "This server does not support slots endpoint. Start it with `--slots`")
     stats = engine_api.read_stats(state.engine)
     base = default_generation_settings(state)["params"]
-    by_id = {s["id"]: s for s in stats.slots}
+    by_id = {s.id: s for s in stats.slots}
     result = []
     for slot_id in range(state.n_slots):
-        s = by_id.get(slot_id, {"is_processing": False, "id_task": None, "n_cached": 0})
+        s = by_id.get(slot_id)
         result.append({
             "id": slot_id,
-            "id_task": s["id_task"] or -1,
+            "id_task": (s.id_task if s is not None else "") or -1,
             "n_ctx": state.n_ctx_slot,
             "speculative": False,
-            "is_processing": s["is_processing"],
-            "n_cached_tokens": s["n_cached"],
+            "is_processing": s.is_processing if s is not None else False,
+            "n_cached_tokens": s.n_past if s is not None else 0,
             "params": base,
         })
     fail_on_no_slot = request.query_params.get("fail_on_no_slot", "").lower() in ("1", "true")

@@ -2,7 +2,7 @@
 POST /v1/completions.
 
 Owns: chat message rendering through the chat template (tools passed to it unless
-tool_choice is "none"), tool calls in the reply (server/tool_calls.py, tool_choice.py), OpenAI
+tool_choice is "none"), tool calls in the reply (server/chat/tool_calls.py, tool_choice.py), OpenAI
 logprobs options, `n` choices (n engine requests with the same prompt, choice i seeded with
 seed + i), and the OpenAI objects: `chat.completion` / `text_completion`, and their streams —
 a role delta per choice, content / tool_call deltas carrying their choice's `index` as they
@@ -18,14 +18,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server import engine_api, formatting, prompts, tool_calls, tool_choice
-from server.app import ServerState, ready_state
-from server.errors import bad_request
-from server.generation import Generation, collect_all, merge, start_many
-from server.params import PreparedParams, choice_params, resolve_grammar, with_grammar
-from server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from server.routes.completion import prepare, tokenize_prompts
-from server.streaming import sse_response
+from ggserve.server import engine_api, formatting
+from ggserve.server.chat import prompts, tool_calls, tool_choice
+from ggserve.server.state import ServerState, ready_state
+from ggserve.server.errors import bad_request
+from ggserve.server.generation import Generation, collect_all, merge, start_many
+from ggserve.server.params import PreparedParams, choice_params, resolve_grammar, with_grammar
+from ggserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from ggserve.server.routes.completion import prepare, tokenize_prompts
+from ggserve.server.streaming import sse_response
 
 router = APIRouter()
 DEFAULT_TOP_LOGPROBS = 20  # llama-server's n_probs when logprobs is true and top_logprobs absent

@@ -13,9 +13,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from server.app import ServerState, ready_state
-from server.errors import APIError, bad_request
-from server.protocol import SlotActionRequest, parse_body
+from ggserve.server.state import ServerState, ready_state
+from ggserve.server.errors import APIError, bad_request
+from ggserve.server.protocol import SlotActionRequest, parse_body
 
 router = APIRouter()
 

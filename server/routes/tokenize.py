@@ -9,9 +9,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from server import prompts
-from server.app import ServerState, ready_state
-from server.protocol import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest, parse_body
+from ggserve.server.chat import prompts
+from ggserve.server.state import ServerState, ready_state
+from ggserve.server.protocol import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest, parse_body
 
 router = APIRouter()
 

@@ -12,5 +12,5 @@ router = APIRouter()
 @router.get("/", include_in_schema=False)
 @router.get("/index.html", include_in_schema=False)
 async def index() -> HTMLResponse:
-    page = resources.files("server").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = resources.files("ggserve.server").joinpath("static/index.html").read_text(encoding="utf-8")
     return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
