@@ -9,19 +9,27 @@ group or follows `|`/`::=`. Grammars work on Unicode code points, not bytes.
 
 Errors raise `GrammarError` (a ValueError; the server maps it to HTTP 400) with a line and
 column: syntax errors, undefined rules, a missing `root`, left recursion, token references
-(`<...>`, not supported here) and absurd repetition counts.
+(`<...>`, not supported here) and absurd repetition counts. Grammars over a `GrammarLimits`
+bound (text size, nesting, rules, alternatives, elements; see limits.py) raise
+`GrammarLimitError` as soon as the parser gets there, before any work that grows with them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_REPETITIONS = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD
+from ggserve.engine.grammar.limits import DEFAULT_LIMITS, GrammarLimits
+
+MAX_REPETITIONS = DEFAULT_LIMITS.max_repetitions  # llama.cpp's MAX_REPETITION_THRESHOLD
 MAX_CODEPOINT = 0x10FFFF
-MAX_RULES = 100_000  # repetitions expand into helper rules; bound the blow-up
+MAX_RULES = DEFAULT_LIMITS.max_rules
 
 
 class GrammarError(ValueError):
     """An invalid grammar (or JSON schema that cannot be turned into one)."""
+
+
+class GrammarLimitError(GrammarError):
+    """A grammar or JSON schema beyond a `GrammarLimits` bound (too big, too deep, too costly)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class Grammar:
     rules: list[list[Alternative]]
     names: list[str]
     root_id: int
+    limits: GrammarLimits = DEFAULT_LIMITS  # what it was parsed under; the matcher applies them too
 
     def rule_named(self, name: str) -> list[Alternative]:
         return self.rules[self.names.index(name)]
@@ -65,9 +74,13 @@ def _is_word(ch: str) -> bool:
 
 
 class _Parser:
-    def __init__(self, text: str):
+    def __init__(self, text: str, limits: GrammarLimits):
         self.text = text
+        self.limits = limits
         self.pos = 0
+        self.depth = 0  # open ( ... ) groups
+        self.n_alternatives = 0
+        self.n_elements = 0  # in every sequence and repetition helper so far
         self.ids: dict[str, int] = {}
         self.names: list[str] = []
         self.rules: dict[int, list[Alternative]] = {}
@@ -97,17 +110,30 @@ class _Parser:
             else:
                 break
 
+    def limit_error(self, message: str) -> GrammarLimitError:
+        line = self.text.count("\n", 0, self.pos) + 1
+        return GrammarLimitError(f"grammar error at line {line}: {message}")
+
     def symbol(self, name: str) -> int:
         if name not in self.ids:
+            if len(self.names) >= self.limits.max_rules:
+                raise self.limit_error(f"the grammar has (or expands to) more than {self.limits.max_rules} rules")
             self.ids[name] = len(self.names)
             self.names.append(name)
         return self.ids[name]
 
     def fresh_symbol(self, base: str) -> int:
-        if len(self.names) > MAX_RULES:
-            raise self.error(f"the grammar expands to more than {MAX_RULES} rules")
-        name = f"{base}_{len(self.names)}"
-        return self.symbol(name)
+        return self.symbol(f"{base}_{len(self.names)}")
+
+    def count(self, alternatives: int, elements: int) -> None:
+        """Adds to the totals; raises once one is over its limit."""
+        self.n_alternatives += alternatives
+        self.n_elements += elements
+        if self.n_alternatives > self.limits.max_alternatives:
+            raise self.limit_error(f"the grammar has (or expands to) more than {self.limits.max_alternatives} "
+                                   "alternatives")
+        if self.n_elements > self.limits.max_elements:
+            raise self.limit_error(f"the grammar has (or expands to) more than {self.limits.max_elements} elements")
 
     def parse_name(self) -> str:
         start = self.pos
@@ -156,6 +182,7 @@ class _Parser:
             self.pos += 1
             self.skip_space(True)
             alternatives.append(self.parse_sequence(rule_name, nested))
+        self.count(len(alternatives), 0)
         self.rules[rule_id] = [tuple(a) for a in alternatives]
 
     def repeat(self, seq: list[Element], last_start: int, rule_name: str, lo: int, hi: int | None) -> None:
@@ -164,6 +191,11 @@ class _Parser:
             raise self.error("expecting an item before a repetition operator")
         item = seq[last_start:]
         del seq[last_start:]
+        # check before copying (S{2000} of a long literal is big): the helpers' elements are
+        # counted here, the copies in `seq` by parse_sequence (as its net growth)
+        helpers = 1 if hi is None else hi - lo
+        self.count(2 * helpers, (len(item) + 1) * helpers + len(item) * lo)
+        self.n_elements -= len(item) * lo
         seq.extend(item * lo)
         if hi is None:  # S* helper: S' ::= S S' |
             helper = self.fresh_symbol(rule_name)
@@ -184,6 +216,7 @@ class _Parser:
         last_start = 0
         while self.pos < len(self.text):
             ch = self.peek()
+            before = len(seq)
             if ch == '"':
                 self.pos += 1
                 last_start = len(seq)
@@ -225,12 +258,16 @@ class _Parser:
                 seq.append(RuleRef(rule_id))
             elif ch == "(":
                 open_pos = self.pos
+                if self.depth >= self.limits.max_nesting:
+                    raise self.limit_error(f"grammar nested deeper than {self.limits.max_nesting} levels")
+                self.depth += 1
                 self.pos += 1
                 self.skip_space(True)
                 sub = self.fresh_symbol(rule_name)
                 self.parse_alternates(rule_name, sub, True)
                 if self.peek() != ")":
                     raise self.error("expecting ')' to close the group", open_pos if not self.peek() else None)
+                self.depth -= 1
                 self.pos += 1
                 last_start = len(seq)
                 seq.append(RuleRef(sub))
@@ -256,15 +293,17 @@ class _Parser:
                 if self.peek() != "}":
                     raise self.error("expecting '}'")
                 self.pos += 1
-                if lo > MAX_REPETITIONS:
-                    raise self.error(f"repetition count exceeds {MAX_REPETITIONS}")
-                if hi is not None and hi > MAX_REPETITIONS:
+                max_repetitions = self.limits.max_repetitions
+                if lo > max_repetitions:
+                    raise self.error(f"repetition count exceeds {max_repetitions}")
+                if hi is not None and hi > max_repetitions:
                     hi = None  # llama.cpp treats a huge maximum as unbounded
                 if hi is not None and hi < lo:
                     raise self.error("repetition maximum is below the minimum")
                 self.repeat(seq, last_start, rule_name, lo, hi)
             else:
                 break
+            self.count(0, len(seq) - before)
             self.skip_space(nested)
         return seq
 
@@ -299,29 +338,43 @@ class _Parser:
         if "root" not in self.ids:
             raise GrammarError("grammar does not define a 'root' rule")
         rules = [self.rules[i] for i in range(len(self.names))]
-        grammar = Grammar(rules, list(self.names), self.ids["root"])
+        grammar = Grammar(rules, list(self.names), self.ids["root"], self.limits)
         check_left_recursion(grammar)
         return grammar
 
 
 def nullable_rules(grammar: Grammar) -> list[bool]:
-    """Which rules can match the empty string (fixed point)."""
+    """Which rules can match the empty string (worklist: linear in the grammar's size)."""
     nullable = [False] * len(grammar.rules)
-    changed = True
-    while changed:
-        changed = False
-        for rule_id, alternatives in enumerate(grammar.rules):
-            if nullable[rule_id]:
-                continue
-            if any(all(isinstance(e, RuleRef) and nullable[e.rule_id] for e in alt) for alt in alternatives):
-                nullable[rule_id] = changed = True
+    waiting: list[int] = []  # per all-reference alternative: references not yet known nullable
+    owner: list[int] = []  # ... and its rule
+    users: list[list[int]] = [[] for _ in grammar.rules]  # rule -> such alternatives using it
+    ready: list[int] = []  # rules known nullable, not yet propagated
+    for rule_id, alternatives in enumerate(grammar.rules):
+        for alt in alternatives:
+            if not alt:
+                ready.append(rule_id)
+            elif all(isinstance(e, RuleRef) for e in alt):
+                for element in alt:
+                    users[element.rule_id].append(len(waiting))
+                waiting.append(len(alt))
+                owner.append(rule_id)
+    while ready:
+        rule_id = ready.pop()
+        if nullable[rule_id]:
+            continue
+        nullable[rule_id] = True
+        for index in users[rule_id]:
+            waiting[index] -= 1
+            if waiting[index] == 0:
+                ready.append(owner[index])
     return nullable
 
 
 def check_left_recursion(grammar: Grammar) -> None:
     """A rule that can reach itself without consuming input would loop forever: reject."""
     nullable = nullable_rules(grammar)
-    starts: list[set[int]] = []
+    starts: list[list[int]] = []
     for alternatives in grammar.rules:
         first: set[int] = set()
         for alt in alternatives:
@@ -331,25 +384,36 @@ def check_left_recursion(grammar: Grammar) -> None:
                 first.add(element.rule_id)
                 if not nullable[element.rule_id]:
                     break
-        starts.append(first)
+        starts.append(sorted(first))
     state = [0] * len(grammar.rules)  # 0 new, 1 on the DFS path, 2 done
+    for root in range(len(grammar.rules)):
+        if state[root]:
+            continue
+        state[root] = 1
+        path = [(root, iter(starts[root]))]  # explicit DFS stack: rule chains may be long
+        while path:
+            rule_id, pending = path[-1]
+            for nxt in pending:
+                if state[nxt] == 1:
+                    raise GrammarError(f"left recursion detected in rule '{grammar.names[nxt]}'")
+                if state[nxt] == 0:
+                    state[nxt] = 1
+                    path.append((nxt, iter(starts[nxt])))
+                    break
+            else:
+                state[rule_id] = 2
+                path.pop()
 
-    def visit(rule_id: int) -> None:
-        state[rule_id] = 1
-        for nxt in starts[rule_id]:
-            if state[nxt] == 1:
-                raise GrammarError(f"left recursion detected in rule '{grammar.names[nxt]}'")
-            if state[nxt] == 0:
-                visit(nxt)
-        state[rule_id] = 2
 
-    for rule_id in range(len(grammar.rules)):
-        if state[rule_id] == 0:
-            visit(rule_id)
-
-
-def parse_grammar(text: str) -> Grammar:
-    """Parses GBNF text; raises GrammarError with a position on any problem."""
+def parse_grammar(text: str, *, limits: GrammarLimits | None = None) -> Grammar:
+    """Parses GBNF text; raises GrammarError with a position on any problem, GrammarLimitError
+    (a GrammarError) when the grammar is beyond `limits` (default: GrammarLimits())."""
     if not isinstance(text, str):
         raise GrammarError("grammar must be a string")
-    return _Parser(text).parse()
+    limits = DEFAULT_LIMITS if limits is None else limits
+    if len(text) > limits.max_grammar_bytes or len(text.encode("utf-8", "surrogatepass")) > limits.max_grammar_bytes:
+        raise GrammarLimitError(f"the grammar is longer than {limits.max_grammar_bytes} bytes")
+    try:
+        return _Parser(text, limits).parse()
+    except RecursionError:  # a safety net: nesting is bounded well below the recursion limit
+        raise GrammarLimitError("grammar nested too deeply to parse") from None

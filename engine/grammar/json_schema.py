@@ -12,6 +12,11 @@ integer minimum / maximum / exclusiveMinimum / exclusiveMaximum.
 Anything else that would change which documents are valid (pattern, number bounds, allOf,
 unknown formats...) raises GrammarError rather than being silently ignored; pure annotations
 (title, description, default, examples, ...) are ignored.
+
+Limits (`GrammarLimits`): the schema document may nest `max_nesting` levels (checked before
+converting, iteratively; $ref chains count too), and the grammar made from it may not exceed
+`max_grammar_bytes` (checked as it grows). A local $ref that does not resolve, anywhere in the
+schema, is a `SchemaReferenceError` (see schema_refs.py).
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import json
 import re
 from typing import Any
 
-from ggserve.engine.grammar.gbnf import GrammarError
+from ggserve.engine.grammar.gbnf import GrammarError, GrammarLimitError
+from ggserve.engine.grammar.limits import DEFAULT_LIMITS, GrammarLimits
+from ggserve.engine.grammar.schema_refs import check_schema, resolve_pointer
 
 SPACE_RULE = '| " " | "\\n"{1,2} [ \\t]{0,20}'
 
@@ -121,24 +128,47 @@ def _same_length_range(lo: str, hi: str) -> list[str]:
 class SchemaConverter:
     """Accumulates named rules while visiting a schema."""
 
-    def __init__(self, root_schema: dict):
+    def __init__(self, root_schema: dict, limits: GrammarLimits = DEFAULT_LIMITS):
         self.root_schema = root_schema
-        self.rules: dict[str, str] = {"space": SPACE_RULE}
+        self.limits = limits
+        self.rules: dict[str, str] = {}
+        self.size = 0  # characters of the rendered rules so far
+        self.depth = 0  # visits in progress
         self.ref_rules: dict[str, str] = {}
+        self._named: dict[tuple[str, str], str] = {}  # (name, body) -> the rule add_rule made
+        self._suffix: dict[str, int] = {}  # name -> where add_rule's search for a free name resumes
+        self.set_rule("space", SPACE_RULE)
+
+    def set_rule(self, name: str, body: str) -> None:
+        old = self.rules.get(name)
+        self.size += len(body) - (len(old) if old is not None else -len(name) - 6)  # "name ::= body\n"
+        if self.size > self.limits.max_grammar_bytes:
+            raise GrammarLimitError(f"the grammar made from the JSON schema is longer than "
+                                    f"{self.limits.max_grammar_bytes} bytes")
+        self.rules[name] = body
 
     def add_rule(self, name: str, body: str) -> str:
+        """Adds a rule named after `name` (a numbered variant if taken by another body)."""
         name = re.sub(r"[^a-zA-Z0-9-]+", "-", name).strip("-") or "rule"
-        candidate, i = name, 0
-        while candidate in self.rules and self.rules[candidate] != body:
-            i += 1
+        same = self._named.get((name, body))
+        if same is not None and self.rules.get(same) == body:
+            return same
+        candidate = name
+        if name in self.rules and self.rules[name] != body:
+            i = self._suffix.get(name, 1)  # names before it are all taken
             candidate = f"{name}{i}"
-        self.rules[candidate] = body
+            while candidate in self.rules and self.rules[candidate] != body:
+                i += 1
+                candidate = f"{name}{i}"
+            self._suffix[name] = i + 1
+        self._named[(name, body)] = candidate
+        self.set_rule(candidate, body)
         return candidate
 
     def primitive(self, name: str) -> str:
         if name not in self.rules:
             body, deps = PRIMITIVES[name]
-            self.rules[name] = body
+            self.set_rule(name, body)
             for dep in deps:
                 self.primitive(dep)
         return name
@@ -148,22 +178,24 @@ class SchemaConverter:
             return self.ref_rules[ref]
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise GrammarError(f"unsupported $ref {ref!r}: only local references (#/...) are supported")
-        target: Any = self.root_schema
-        for part in [p for p in ref[1:].split("/") if p]:
-            part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(target, dict) or part not in target:
-                raise GrammarError(f"$ref {ref!r} does not resolve")
-            target = target[part]
+        target = resolve_pointer(self.root_schema, ref)
         name = "ref-" + (ref.rsplit("/", 1)[-1] or "root")
-        name = self.add_rule(name, "<pending>")
+        name = self.add_rule(name, f"<pending {ref}>")  # a placeholder no other ref can share
         self.ref_rules[ref] = name
-        self.rules[name] = self.visit(target, name, inline=True)
+        self.set_rule(name, self.visit(target, name, inline=True))
         return name
 
     # -- visiting ---------------------------------------------------------------------------
     def visit(self, schema: Any, name: str, inline: bool = False) -> str:
         """Returns a rule reference for `schema` (or, with inline=True, a rule body)."""
-        body = self.body(schema, name)
+        if self.depth >= self.limits.max_nesting:
+            raise GrammarLimitError(f"JSON schema nested deeper than {self.limits.max_nesting} levels "
+                                    "(counting $ref chains)")
+        self.depth += 1
+        try:
+            body = self.body(schema, name)
+        finally:
+            self.depth -= 1
         return body if inline else self.add_rule(name, body)
 
     def body(self, schema: Any, name: str) -> str:
@@ -250,25 +282,31 @@ class SchemaConverter:
         if required_keys:
             parts.append(' "," space '.join(kv_rules[k] for k in required_keys))
         if optional:
-            alternatives = " | ".join(self.optional_chain(optional, i, name) for i in range(len(optional)))
+            rests = self.rest_rules(optional, name)
+            alternatives = " | ".join(self.optional_chain(optional, i, rests) for i in range(len(optional)))
             parts.append(f'( "," space ( {alternatives} ) )?' if required_keys else f"( {alternatives} )?")
         parts.append('"}" space')
         return " ".join(parts)
 
-    def optional_chain(self, optional: list[tuple[str, bool]], start: int, name: str) -> str:
+    def optional_chain(self, optional: list[tuple[str, bool]], start: int, rests: dict[int, str]) -> str:
         """kv_start followed by any in-order subset of the later optional properties."""
         kv, repeatable = optional[start]
         text = kv + (f' ( "," space {kv} )*' if repeatable else "")
         if start + 1 < len(optional):
-            text += " " + self.rest_rule(optional, start + 1, name)
+            text += " " + rests[start + 1]
         return text
 
-    def rest_rule(self, optional: list[tuple[str, bool]], start: int, name: str) -> str:
-        kv, repeatable = optional[start]
-        body = f'( "," space {kv} )' + ("*" if repeatable else "?")
-        if start + 1 < len(optional):
-            body += " " + self.rest_rule(optional, start + 1, name)
-        return self.add_rule(f"{name}-rest-{start}", body)
+    def rest_rules(self, optional: list[tuple[str, bool]], name: str) -> dict[int, str]:
+        """rests[i]: rule for any in-order subset of the optional properties from i on (i >= 1),
+        made once each, last first (a chain: no recursion, linear in the properties)."""
+        rests: dict[int, str] = {}
+        for start in range(len(optional) - 1, 0, -1):
+            kv, repeatable = optional[start]
+            body = f'( "," space {kv} )' + ("*" if repeatable else "?")
+            if start + 1 < len(optional):
+                body += " " + rests[start + 1]
+            rests[start] = self.add_rule(f"{name}-rest-{start}", body)
+        return rests
 
     def array_body(self, schema: dict, name: str) -> str:
         lo = schema.get("minItems", 0)
@@ -332,20 +370,33 @@ class SchemaConverter:
         return "(" + " | ".join(alternatives) + ") space"
 
     def render(self, root_body: str) -> str:
-        self.rules["root"] = root_body
+        self.set_rule("root", root_body)
         names = ["root"] + sorted(n for n in self.rules if n != "root")
-        return "\n".join(f"{n} ::= {self.rules[n]}" for n in names) + "\n"
+        text = "\n".join(f"{n} ::= {self.rules[n]}" for n in names) + "\n"
+        if len(text.encode("utf-8", "surrogatepass")) > self.limits.max_grammar_bytes:
+            raise GrammarLimitError(f"the grammar made from the JSON schema is longer than "
+                                    f"{self.limits.max_grammar_bytes} bytes")
+        return text
 
 
-def json_schema_to_grammar(schema: Any) -> str:
-    """GBNF text for documents valid under `schema` (GrammarError if unsupported)."""
+def json_schema_to_grammar(schema: Any, *, limits: GrammarLimits | None = None) -> str:
+    """GBNF text for documents valid under `schema`: GrammarError if unsupported,
+    SchemaReferenceError (a GrammarError) if a local $ref does not resolve, GrammarLimitError
+    (a GrammarError) if beyond `limits` (default: GrammarLimits())."""
+    limits = DEFAULT_LIMITS if limits is None else limits
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as exc:
             raise GrammarError(f"json_schema is not valid JSON: {exc}") from None
-    converter = SchemaConverter(schema if isinstance(schema, dict) else {})
-    return converter.render(converter.visit(schema, "root", inline=True))
+        except RecursionError:
+            raise GrammarLimitError(f"JSON schema nested deeper than {limits.max_nesting} levels") from None
+    check_schema(schema, limits)
+    converter = SchemaConverter(schema if isinstance(schema, dict) else {}, limits)
+    try:
+        return converter.render(converter.visit(schema, "root", inline=True))
+    except RecursionError:  # a safety net: nesting is bounded well below the recursion limit
+        raise GrammarLimitError("JSON schema nested too deeply to convert") from None
 
 
 def json_object_grammar() -> str:

@@ -9,21 +9,26 @@ token) and computes which tokens may come next in a given matcher state, two way
   only the remainder of the tokens that leave it.
 Masks are cached per (state, partial character), bit-packed. `tables_for` keeps a few
 GrammarTables per vocabulary keyed by grammar text, so requests repeating a grammar (the
-usual case for a fixed response_format) share transitions and masks.
+usual case for a fixed response_format) share transitions and masks. New tables are checked
+before they are shared: a grammar that allows no token of the vocabulary at its start raises
+GrammarError right away (when the request is built, not after its prompt is processed).
+Each mask may cost at most `limits.max_match_work` (see compiled.py).
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
 
-from ggserve.engine.grammar.gbnf import Grammar
+from ggserve.engine.grammar.gbnf import Grammar, GrammarError
 from ggserve.engine.grammar.compiled import DEAD, CompiledGrammar
 from ggserve.engine.grammar.vocab import MATRIX_CPS, UTF8_LEAD_REMAIN, GrammarVocab
 
 MASK_CACHE_SIZE = 64
 GRAMMAR_CACHE_SIZE = 8
 PERMISSIVE_FRACTION = 0.3  # share of tokens whose first code point loops -> vectorised path
+_CACHE_LOCK = threading.Lock()  # requests are prepared on several worker threads
 
 
 class GrammarTables:
@@ -33,6 +38,9 @@ class GrammarTables:
         self.compiled, self.vocab = compiled, vocab
         # cls_matrix (n_vocab, MATRIX_CPS): code point classes, padding = class n_classes
         cls_unique = self._classes(vocab.cp_unique)
+        n_classes = len(compiled.class_rep)
+        # the classes some token's code point falls in: the only ones a mask ever steps on
+        self._vocab_classes = np.unique(cls_unique[cls_unique < n_classes]).tolist()
         self._cls_matrix = cls_unique[vocab.cp_index]
         self._long_cls = cls_unique[vocab.long_cp_index]  # (n_long, max_cps)
         self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -60,26 +68,34 @@ class GrammarTables:
 
     def _compute_mask(self, state: int, partial: tuple[int, int]) -> np.ndarray:
         vocab = self.vocab
+        self.compiled.reset_budget()
         if partial[1] != 0:
             # the previous token ended inside a character: only continuation bytes can follow,
             # so the trie walk (started mid-character) prunes almost everything at once
             mask = self._mask_trie(state, partial)
         else:
-            loops = self._loop_classes(state)
+            next_states = self._next_states(state)
+            loops = next_states[:-1] == state
             first = self._cls_matrix[:, 0]
             share = float(np.mean(np.append(loops, False)[first[vocab.usable]])) if vocab.usable.any() else 0.0
-            mask = self._mask_permissive(state, loops) if share >= PERMISSIVE_FRACTION else self._mask_trie(state, partial)
+            if share >= PERMISSIVE_FRACTION:
+                mask = self._mask_permissive(state, loops, next_states)
+            else:
+                mask = self._mask_trie(state, partial)
         if vocab.eog_array.shape[0]:
             mask[vocab.eog_array] = partial[1] == 0 and self.compiled.complete[state]
         return mask
 
-    def _loop_classes(self, state: int) -> np.ndarray:
-        n_classes = len(self.compiled.class_rep)
-        return np.array([self.compiled.step(state, c) == state for c in range(n_classes)], bool)
+    def _next_states(self, state: int) -> np.ndarray:
+        """(n_classes + 1,) the state after one code point of each class (DEAD for the padding
+        class and for classes no token contains, which no mask needs)."""
+        out = np.full(len(self.compiled.class_rep) + 1, DEAD, np.int64)
+        step = self.compiled.step
+        out[self._vocab_classes] = [step(state, c) for c in self._vocab_classes]
+        return out
 
-    def _mask_permissive(self, state: int, loops: np.ndarray) -> np.ndarray:
+    def _mask_permissive(self, state: int, loops: np.ndarray, next_states: np.ndarray) -> np.ndarray:
         vocab, compiled = self.vocab, self.compiled
-        n_classes = len(compiled.class_rep)
         loops_ext = np.append(loops, True)  # the padding class counts as looping
         in_loop = loops_ext[self._cls_matrix]  # (n_vocab, MATRIX_CPS) bool
         # a row is all-True iff its bytes, read as uint64 words, are all 0x0101...01
@@ -110,8 +126,7 @@ class GrammarTables:
             long_at = vocab.long_index[breaking]
             long_cls = self._long_cls[np.maximum(long_at, 0), np.minimum(starts, self._long_cls.shape[1] - 1)]
             break_cls = np.where(long_at >= 0, long_cls, break_cls)
-        next_state = np.array([compiled.step(state, c) if c < n_classes else DEAD for c in range(n_classes + 1)])
-        alive = next_state[break_cls] != DEAD
+        alive = next_states[break_cls] != DEAD
         walk_ids, walk_from = breaking[alive].tolist(), starts[alive].tolist()
         memo: dict[tuple, bool] = {}
         tail_value, tail_remain, num_cps, long_index = vocab.tail_value, vocab.tail_remain, vocab.num_cps, vocab.long_index
@@ -186,14 +201,24 @@ class GrammarTables:
 
 
 def tables_for(vocab: GrammarVocab, text: str, parsed: Grammar) -> GrammarTables:
-    """Shared GrammarTables for grammar `text` on `vocab` (LRU of GRAMMAR_CACHE_SIZE)."""
-    cache = vocab.grammar_cache
-    tables = cache.get(text)
-    if tables is None:
-        tables = GrammarTables(CompiledGrammar(parsed), vocab)
-        cache[text] = tables
+    """Shared GrammarTables for grammar `text` on `vocab` (LRU of GRAMMAR_CACHE_SIZE).
+
+    New tables compute their first mask before they are shared (so no other thread uses them
+    yet): GrammarError if no token can start the grammar (EOG counts when it may be empty),
+    GrammarLimitError if that mask is over the work limit."""
+    with _CACHE_LOCK:
+        tables = vocab.grammar_cache.get(text)
+        if tables is not None:
+            vocab.grammar_cache.move_to_end(text)
+            return tables
+    tables = GrammarTables(CompiledGrammar(parsed), vocab)
+    if not tables.mask(tables.compiled.initial_state, (0, 0)).any():
+        raise GrammarError("the grammar allows no token of this model's vocabulary at its start: "
+                           "no token's text can begin a match")
+    with _CACHE_LOCK:
+        cache = vocab.grammar_cache
+        tables = cache.setdefault(text, tables)  # another thread may have built it meanwhile
+        cache.move_to_end(text)
         if len(cache) > GRAMMAR_CACHE_SIZE:
             cache.popitem(last=False)
-    else:
-        cache.move_to_end(text)
     return tables

@@ -95,8 +95,6 @@ class GrammarVocab:
         self.cp_index = inverse[:split].reshape(self.cp_matrix.shape)
         self.long_cp_index = inverse[split:].reshape(self.long_cp_matrix.shape)
         self._build_trie()
-        # processed DRY sequence breakers per breaker tuple (shared by requests using this vocab)
-        self.dry_breaker_cache: dict[tuple[str, ...], dict] = {}
         # GrammarTables per grammar text (see ggserve.engine.grammar.masks.tables_for)
         self.grammar_cache: OrderedDict = OrderedDict()
 
