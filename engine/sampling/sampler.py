@@ -34,7 +34,7 @@ from ggserve.engine.sampling import samplers_extra as SX
 from ggserve.engine.grammar.masks import tables_for
 from ggserve.engine.grammar.matcher import GrammarMatcher
 from ggserve.engine.grammar.vocab import GrammarVocab
-from ggserve.engine.sampling.penalty_history import DryState, PenaltyWindow, dry_breakers
+from ggserve.engine.sampling.penalty_history import DryBreakers, DryState, PenaltyWindow
 from ggserve.engine.sampling.params import SamplingParams
 
 __all__ = ["SamplingParams", "Sampler", "TokenLogprob", "MT19937Stream"]
@@ -168,14 +168,14 @@ class Sampler:
                              "and eog_ids=...")
         return infill_vocab(token_bytes, self.n_vocab, eog), is_eog, min(eog)
 
-    def _dry_breakers(self, token_bytes, tokenizer) -> dict:
-        key = self.params.dry_sequence_breakers
-        cache = token_bytes.dry_breaker_cache if isinstance(token_bytes, GrammarVocab) else {}
-        if key not in cache:
-            pieces = token_bytes.token_bytes if isinstance(token_bytes, GrammarVocab) else list(token_bytes)
-            encode = (lambda text: tokenizer.encode(text, add_special=False)) if tokenizer is not None else None
-            cache[key] = dry_breakers(list(key), pieces, encode)
-        return cache[key]
+    def _dry_breakers(self, token_bytes, tokenizer) -> DryBreakers:
+        """This request's DRY breakers: O(breaker characters) here, each token evaluated when
+        DRY first looks it up (llama.cpp scans the whole vocabulary per breaker up front)."""
+        pieces = token_bytes.token_bytes if isinstance(token_bytes, GrammarVocab) else token_bytes
+        if not isinstance(pieces, (list, tuple)):
+            pieces = list(pieces)
+        encode = (lambda text: tokenizer.encode(text, add_special=False)) if tokenizer is not None else None
+        return DryBreakers(self.params.dry_sequence_breakers, pieces, encode)
 
     def _bias_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         pairs = [(t, b) for t, b in self.params.logit_bias if 0 <= t < self.n_vocab]
