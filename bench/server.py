@@ -141,11 +141,20 @@ class Target:
 def peak_rss_mib(pid: int | None) -> float | None:
     """Peak resident set of a process: /proc VmHWM (the kernel's high-water mark), else psutil's
     current RSS (a lower bound, sampled at the end of the run)."""
+    return _rss_mib(pid, "VmHWM")
+
+
+def current_rss_mib(pid: int | None) -> float | None:
+    """Current resident set of a process: /proc VmRSS, else psutil's RSS."""
+    return _rss_mib(pid, "VmRSS")
+
+
+def _rss_mib(pid: int | None, key: str) -> float | None:
     if pid is None:
         return None
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024  # kB -> MiB
     except OSError:
         pass

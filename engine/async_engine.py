@@ -4,6 +4,16 @@ The engine thread blocks on its inbox while there is nothing to do (no busy spin
 drains the inbox (new requests, aborts, embeddings, shutdown) and runs one `EngineCore.step()`
 per iteration. Each request's deltas go to its own asyncio.Queue through
 `loop.call_soon_threadsafe`. A bounded waiting queue turns overload into EngineBusyError (503).
+
+A request is prepared (validated, its sampler's grammar / DRY / bias tables built) by `prepare`,
+which callers run on a worker thread; the engine thread only queues prepared requests, so no
+request's setup cost holds up the others' tokens.
+
+The engine thread is supervised: an exception anywhere in its loop fails the requests in flight
+(each stream ends with an EngineError) and the loop goes on with a reset core; if it cannot
+recover (MAX_CONSECUTIVE_FAILURES in a row, or a BaseException) the thread stops, `failure` says
+why, and every wait on it (streams, embeddings, slot jobs) ends with an EngineError instead of
+waiting forever.
 """
 from __future__ import annotations
 
@@ -23,12 +33,15 @@ from ggserve.engine.request import (
     EngineError,
     GenerationParams,
     PromptTooLongError,
+    Request,
     RequestOutput,
-    new_request_id,
 )
 from ggserve.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILURES = 3  # loop iterations failing in a row before the engine gives up
+LIVENESS_POLL_SECONDS = 1.0  # how often a waiter checks that the engine thread is still alive
 
 
 @dataclass
@@ -47,9 +60,7 @@ class _Stream:
 
 @dataclass
 class _Add:
-    request_id: str
-    prompt_ids: list[int]
-    params: GenerationParams
+    request: Request  # prepared (EngineCore.prepare)
     stream: _Stream
 
 
@@ -96,6 +107,7 @@ class AsyncEngine:
         self._pending_embeds: list[_Embed] = []  # engine thread only: waiting for an idle slot
         self._stats: EngineStats = core.stats()
         self._closed = False
+        self.failure: str | None = None  # why the engine thread stopped on its own (None: it did not)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,31 +123,47 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def shutdown(self, drain: bool = False, timeout: float | None = None) -> None:
-        """Stop the engine thread: abort in-flight requests (or let them finish with drain=True)."""
+    @property
+    def is_dead(self) -> bool:
+        """The engine thread stopped without being asked to (see `failure`)."""
+        return self._thread is not None and not self._thread.is_alive() and not self._closed
+
+    def shutdown(self, drain: bool = False, timeout: float | None = None) -> bool:
+        """Stop the engine thread: abort in-flight requests (or let them finish with drain=True).
+        Waits at most `timeout` seconds (None: until it stops); returns whether it stopped. The
+        thread is a daemon, so a step that never returns cannot keep the process alive."""
         if self._closed:
-            return
+            return not self.is_running
         self._closed = True
         if self._thread is None:
-            return
+            return True
         self._inbox.put(_Shutdown(drain))
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     # ---- requests ----------------------------------------------------------------------------
+    def prepare(self, prompt_ids: list[int], params: GenerationParams | None = None,
+                request_id: str | None = None) -> Request:
+        """Blocking, thread-safe: validate and build the request (its sampler included). Run it
+        on a worker thread and pass the result to `generate(..., prepared=...)`. Raises
+        PromptTooLongError / ValueError for a request that can never run."""
+        self._check_alive()
+        return self.core.prepare(prompt_ids, params, request_id=request_id)
+
     def generate(
-        self, prompt_ids: list[int], params: GenerationParams | None = None, request_id: str | None = None
+        self, prompt_ids: list[int], params: GenerationParams | None = None, request_id: str | None = None,
+        prepared: Request | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a completion; iterate the result for its deltas (the last has finish_reason set).
 
-        Raises right away (not on first iteration): PromptTooLongError / ValueError for a request
-        that can never run, EngineBusyError when the waiting queue is full. Must be called from
-        a running event loop. Closing or cancelling the iterator aborts the request.
+        `prepared` is `prepare(prompt_ids, params, request_id)`'s result; without it the request is
+        prepared here, on the caller's thread. Raises right away (not on first iteration):
+        PromptTooLongError / ValueError for a request that can never run, EngineBusyError when
+        the waiting queue is full, EngineError when the engine is stopped. Must be called from a
+        running event loop. Closing or cancelling the iterator aborts the request.
         """
-        params = params if params is not None else GenerationParams()
-        prompt_ids = [int(t) for t in prompt_ids]
-        self.core.validate(prompt_ids, params)
-        if self._closed:
-            raise EngineError("the engine is shut down")
+        request = prepared if prepared is not None else self.prepare(prompt_ids, params, request_id)
+        self._check_alive()
         with self._lock:
             if self._n_inflight >= self.config.n_slots + self.max_queue:
                 raise EngineBusyError(
@@ -143,16 +171,37 @@ class AsyncEngine:
                     f"({self.config.n_slots} slots + {self.max_queue} queued)"
                 )
             self._n_inflight += 1
-        request_id = request_id or new_request_id()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._inbox.put(_Add(request_id, prompt_ids, params, stream))
-        return self._iterate(request_id, stream)
+        self._inbox.put(_Add(request, stream))
+        return self._iterate(request.request_id, stream)
+
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise EngineError("the engine is shut down")
+        if self.is_dead:
+            raise EngineError(f"the engine stopped: {self.failure or 'unknown error'}")
+
+    async def _next_item(self, stream: _Stream) -> Any:
+        """The stream's next item; an EngineError once the engine thread is gone and nothing more
+        can come (a wait on a dead engine must not last forever). asyncio.wait, not wait_for:
+        Python 3.11's wait_for can swallow a cancellation that races with a result, and a client
+        that went away must always abort its request."""
+        getter = asyncio.ensure_future(stream.queue.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({getter}, timeout=LIVENESS_POLL_SECONDS)
+                if done:
+                    return getter.result()
+                if self._thread is not None and not self._thread.is_alive() and stream.queue.empty():
+                    return EngineError(f"the engine stopped: {self.failure or 'shut down'}")
+        finally:
+            getter.cancel()
 
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await self._next_item(stream)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -176,12 +225,16 @@ class AsyncEngine:
             raise ValueError("the prompt is empty (no tokens)")
         if len(prompt_ids) > self.config.n_ctx:
             raise PromptTooLongError(len(prompt_ids), self.config.n_ctx)
-        if self._closed:
-            raise EngineError("the engine is shut down")
+        self._check_alive()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._inbox.put(_Embed(prompt_ids, loop, future))
-        return await future
+        while not future.done():
+            await asyncio.wait({future}, timeout=LIVENESS_POLL_SECONDS)
+            if not future.done() and not self.is_running:
+                future.cancel()
+                raise EngineError(f"the engine stopped: {self.failure or 'shut down'}")
+        return future.result()
 
     def _slot_job(self, method: str, *args: Any) -> int:
         # Blocking: the server calls these from a worker thread, never the event loop.
@@ -189,7 +242,12 @@ class AsyncEngine:
             raise EngineError("the engine is not running")
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(_SlotJob(method, args, future))
-        return future.result()
+        while True:
+            try:
+                return future.result(timeout=LIVENESS_POLL_SECONDS)
+            except concurrent.futures.TimeoutError:
+                if not self.is_running and not future.done():
+                    raise EngineError(f"the engine stopped: {self.failure or 'shut down'}") from None
 
     def save_slot(self, slot_id: int, path: str) -> int:
         return self._slot_job("save_slot", slot_id, str(path))
@@ -206,30 +264,68 @@ class AsyncEngine:
 
     # ---- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
-        stopping: _Shutdown | None = None
-        while True:
-            busy = self.core.has_work() or bool(self._pending_embeds)
-            outputs: list[RequestOutput] = []
-            for command in self._drain_inbox(block=not busy and stopping is None):
-                if isinstance(command, _Shutdown):
-                    stopping = command
-                else:
-                    outputs.extend(self._handle(command))
-            if stopping is not None and not stopping.drain:
-                outputs.extend(self.core.abort_all())
-            self._run_embeds()
-            if self.core.has_work():
+        stopping: list[_Shutdown] = []
+        failures = 0
+        try:
+            while True:
                 try:
-                    outputs.extend(self.core.step())
-                except Exception as exc:  # a model bug must not hang every client
-                    logger.exception("engine step failed; aborting in-flight requests")
+                    if self._iteration(stopping):
+                        return
+                    failures = 0
+                except Exception as exc:  # a bug anywhere in the loop must not hang every client
+                    failures += 1
+                    logger.exception("engine loop failed (%d in a row); failing the requests in flight", failures)
+                    if failures >= MAX_CONSECUTIVE_FAILURES:
+                        self.failure = f"{failures} consecutive failures, the last: {exc!r}"
+                        raise
                     self._fail_all(exc)
-            # Publish stats before delivering, so a client that saw its last token sees its stats.
-            self._stats = self.core.stats()
-            self._deliver(outputs)
-            if stopping is not None and not self.core.has_work():
-                self._fail_leftovers()
-                return
+        except BaseException as exc:
+            self.failure = self.failure or f"{exc!r}"
+            logger.critical("engine thread stopped: %s", self.failure)
+            self._fail_everything(EngineError(f"the engine stopped: {self.failure}"))
+
+    def _iteration(self, stopping: list[_Shutdown]) -> bool:
+        """One pass of the engine loop; True once a shutdown is complete."""
+        busy = self.core.has_work() or bool(self._pending_embeds)
+        outputs: list[RequestOutput] = []
+        for command in self._drain_inbox(block=not busy and not stopping):
+            if isinstance(command, _Shutdown):
+                stopping.append(command)
+            else:
+                outputs.extend(self._handle(command))
+        if stopping and not stopping[0].drain:
+            outputs.extend(self.core.abort_all())
+        self._run_embeds()
+        if self.core.has_work():
+            try:
+                outputs.extend(self.core.step())
+            except Exception as exc:  # a model bug: these requests fail, the engine goes on
+                logger.exception("engine step failed; aborting in-flight requests")
+                self._fail_all(exc)
+        # Publish stats before delivering, so a client that saw its last token sees its stats.
+        self._stats = self.core.stats()
+        self._deliver(outputs)
+        if stopping and not self.core.has_work():
+            self._fail_leftovers()
+            return True
+        return False
+
+    def _fail_everything(self, error: EngineError) -> None:
+        """The engine thread is ending abnormally: no stream, embedding or job may wait on it."""
+        for stream in list(self._streams.values()):
+            stream.put(error)
+            self._release_inflight()
+        self._streams.clear()
+        for job in self._pending_embeds:
+            try:
+                job.loop.call_soon_threadsafe(_set_exception, job.future, error)
+            except RuntimeError:
+                pass
+        self._pending_embeds.clear()
+        try:
+            self._fail_leftovers()
+        except Exception:  # best effort: the waiters' liveness checks cover the rest
+            logger.exception("failing queued requests after the engine stopped")
 
     def _fail_leftovers(self) -> None:
         """After shutdown: anything still queued (raced with shutdown) gets an error, not silence."""
@@ -242,6 +338,8 @@ class AsyncEngine:
             elif isinstance(command, _Add):
                 command.stream.put(error)
                 self._release_inflight()
+            elif isinstance(command, _SlotJob):
+                command.future.set_exception(error)
         for job in jobs:
             try:
                 job.loop.call_soon_threadsafe(_set_exception, job.future, error)
@@ -260,11 +358,12 @@ class AsyncEngine:
 
     def _handle(self, command: Any) -> list[RequestOutput]:
         if isinstance(command, _Add):
-            self._streams[command.request_id] = command.stream
+            request_id = command.request.request_id
+            self._streams[request_id] = command.stream
             try:
-                self.core.add_request(command.prompt_ids, command.params, request_id=command.request_id)
-            except Exception as exc:  # validated already; anything here is a bug
-                self._streams.pop(command.request_id, None)
+                self.core.add_prepared(command.request)
+            except Exception as exc:  # prepared already; anything here is a bug
+                self._streams.pop(request_id, None)
                 self._release_inflight()
                 command.stream.put(EngineError(str(exc)))
         elif isinstance(command, _Abort):
@@ -306,12 +405,14 @@ class AsyncEngine:
                 self._release_inflight()
 
     def _fail_all(self, exc: Exception) -> None:
-        self.core.reset_after_error()
+        """Every request in flight ends with an error, then the core is reset (its slots' K/V
+        may be half written)."""
         error = EngineError(f"engine step failed: {exc!r}")
         for stream in self._streams.values():
             stream.put(error)
             self._release_inflight()
         self._streams.clear()
+        self.core.reset_after_error()
 
     def _release_inflight(self) -> None:
         with self._lock:

@@ -1,11 +1,16 @@
 """The synchronous engine: `EngineCore.step()` = schedule -> run the model -> update.
 
 Owns `EngineConfig` (slots, per-slot context, batch budget, context shift, slot similarity) and
-builds each request's Sampler and StopChecker. No threads and no asyncio here, so tests drive
+builds each request's Sampler and StopChecker (`prepare`, thread-safe, so it can run off the
+engine thread). No threads and no asyncio here, so tests drive
 it step by step; engine/async_engine.py runs it on a background thread.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -77,6 +82,7 @@ class EngineCore:
         self.scheduler = Scheduler(config, kv, add_bos=bool(getattr(tokenizer, "add_bos", False)), stats=self.stats_collector)
         eog_ids = frozenset(getattr(tokenizer, "eog_ids", frozenset()))
         self._vocab = None  # GrammarVocab, built on first use
+        self._vocab_lock = threading.Lock()
         self.runner = ModelRunner(model, batch_size=config.batch_size)
         self._sampler_factory = sampler_factory or self._default_sampler_factory(model.n_vocab, eog_ids)
         self._detokenizer_factory = detokenizer_factory or self._default_detokenizer_factory()
@@ -87,7 +93,8 @@ class EngineCore:
         def make(params: GenerationParams):
             sampling = params.sampling
             # Grammars and DRY need every token's bytes; built once (about a second), then shared.
-            needs_vocab = getattr(sampling, "grammar", None) or getattr(sampling, "dry_multiplier", 0) > 0
+            # DRY is on for any non-zero multiplier, as in llama.cpp (a negative one too).
+            needs_vocab = getattr(sampling, "grammar", None) or getattr(sampling, "dry_multiplier", 0) != 0
             vocab = self._grammar_vocab(eog_ids) if needs_vocab else None
             return Sampler(sampling, n_vocab, eog_ids=eog_ids, token_bytes=vocab, n_ctx=self.config.n_ctx,
                            tokenizer=self.tokenizer)
@@ -95,11 +102,12 @@ class EngineCore:
         return make
 
     def _grammar_vocab(self, eog_ids: frozenset[int]):
-        if self._vocab is None:
-            from ggserve.engine.grammar.vocab import GrammarVocab
+        with self._vocab_lock:  # requests are prepared on several worker threads
+            if self._vocab is None:
+                from ggserve.engine.grammar.vocab import GrammarVocab
 
-            pieces = [self.tokenizer.token_to_piece(i, special=True) for i in range(self.model.n_vocab)]
-            self._vocab = GrammarVocab(pieces, eog_ids)
+                pieces = [self.tokenizer.token_to_piece(i, special=True) for i in range(self.model.n_vocab)]
+                self._vocab = GrammarVocab(pieces, eog_ids)
         return self._vocab
 
     def _default_detokenizer_factory(self):
@@ -126,18 +134,21 @@ class EngineCore:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} out of range [0, {n_vocab})")
 
-    def add_request(
+    def prepare(
         self,
         prompt_ids: list[int],
         params: GenerationParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
     ) -> Request:
+        """The request, validated and with its sampler (grammar tables, DRY breakers, logit
+        biases) and stop checker built, but not queued. Thread-safe: the async front runs it on
+        a worker thread so that no request's preparation holds up the engine thread."""
         params = params if params is not None else GenerationParams()
         prompt_ids = [int(t) for t in prompt_ids]
         self.validate(prompt_ids, params)
         is_eog = getattr(self.tokenizer, "is_eog", lambda token_id: False)
-        request = Request(
+        return Request(
             request_id or new_request_id(),
             prompt_ids,
             params,
@@ -145,8 +156,20 @@ class EngineCore:
             stop_checker=StopChecker(self._detokenizer_factory(), params.stop, is_eog, params.ignore_eos),
             arrival_time=arrival_time,
         )
+
+    def add_prepared(self, request: Request) -> Request:
+        """Queue a request built by `prepare` (engine thread: cheap)."""
         self.scheduler.add_request(request)
         return request
+
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        return self.add_prepared(self.prepare(prompt_ids, params, request_id, arrival_time))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         return self.scheduler.abort(request_id)
@@ -192,9 +215,24 @@ class EngineCore:
         return slot_id
 
     def save_slot(self, slot_id: int, path: str) -> int:
-        """Save an idle slot's cached prompt (tokens + K/V) to a file; returns the token count."""
-        with open(path, "wb") as f:  # a file object: numpy must not append ".npz" to the name
-            return self.model.kv_cache.save_slot(self._idle_slot(slot_id), f)
+        """Save an idle slot's cached prompt (tokens + K/V) to a file; returns the token count.
+
+        The slot is checked before the file is touched, and the file is written beside its final
+        name and renamed into place: a busy slot or a failed write leaves an existing file intact."""
+        slot_id = self._idle_slot(slot_id)
+        directory, name = os.path.split(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{name[:64]}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:  # a file object: numpy must not append ".npz" to the name
+                n_tokens = self.model.kv_cache.save_slot(slot_id, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return n_tokens
 
     def restore_slot(self, slot_id: int, path: str) -> int:
         with open(path, "rb") as f:

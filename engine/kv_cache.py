@@ -12,6 +12,8 @@ everything else only reads.
 """
 from __future__ import annotations
 
+import zipfile
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,7 +146,7 @@ class KVCache:
         try:
             with np.load(file, allow_pickle=False) as data:
                 tokens, k, v = data["tokens"], data["k"], data["v"]
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:  # truncated, not ours
             raise ValueError(f"not a saved slot file: {exc}") from None
         n = tokens.shape[0] if tokens.ndim == 1 else -1
         want_k = (self.n_layers, n, self.n_kv_heads, self.head_dim)

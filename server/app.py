@@ -9,6 +9,7 @@ and gets an access line).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import threading
@@ -22,8 +23,9 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from ggserve.server import engine_api, model_store
 from ggserve.server.access_log import AccessLogMiddleware
-from ggserve.server.chat.template import ChatTemplate
-from ggserve.server.errors import install_error_handlers
+from ggserve.server.chat.template import ChatTemplate, ChatTemplateError, TemplateLimits
+from ggserve.server.body_limit import BodyLimit
+from ggserve.server.errors import CatchAll, install_error_handlers
 from ggserve.server.metrics import ServerMetrics
 from ggserve.server.routes import register_routes
 from ggserve.server.served_engine import ServedEngine
@@ -76,9 +78,14 @@ def make_chat_template(settings: ServerSettings, engine: Any) -> Any:
     if settings.chat_template_file:
         source = Path(settings.chat_template_file).read_text(encoding="utf-8")
     info = engine.model_info
-    return ChatTemplate.for_model(
-        info.metadata, engine.tokenizer, name=settings.chat_template, source=source
+    limits = TemplateLimits(max_render_seconds=settings.template_seconds, max_output_bytes=settings.template_max_bytes)
+    template = ChatTemplate.for_model(
+        info.metadata, engine.tokenizer, name=settings.chat_template, source=source, limits=limits
     )
+    # rendered once now: a template that cannot render a plain conversation fails the start with
+    # one line, rather than every chat request later (it is untrusted code from the GGUF file)
+    template.check()
+    return template
 
 
 def _show_progress(stop: threading.Event, label: str) -> None:
@@ -145,14 +152,18 @@ async def _load_in_background(state: ServerState, on_load_failed: Callable[[str]
                 await result
         if settings.warmup:
             await warm_up(engine)
-        attach_engine(state, engine)
+        # the chat template is rendered once here (untrusted code: up to --template-seconds)
+        await loop.run_in_executor(None, attach_engine, state, engine)
     except asyncio.CancelledError:  # shut down while loading: a started engine must stop too
         if engine is not None:
             await _shutdown_engine(engine)
         raise
     except Exception as exc:  # reported via /health and the callback; the server cannot work
         state.load_error = str(exc) or type(exc).__name__
-        log.exception("failed to load the model")
+        if isinstance(exc, ChatTemplateError):  # the file's template: one line says it all
+            log.error("the chat template cannot be used: %s", state.load_error)
+        else:
+            log.exception("failed to load the model")
         if engine is not None:
             await _shutdown_engine(engine)  # built, but unusable (e.g. a bad chat template)
         if on_load_failed is not None:
@@ -165,21 +176,51 @@ async def _load_in_background(state: ServerState, on_load_failed: Callable[[str]
     log.info("model %s loaded in %.1f s; server is ready", state.model_name, time.monotonic() - t0)
 
 
+# How long the exit waits for the engine thread to stop (it finishes the step it is in); a step
+# that never returns cannot hold the process: the thread is a daemon.
+ENGINE_STOP_SECONDS = 2.0
+WATCHDOG_SECONDS = 1.0  # how often the lifespan checks that the engine thread is alive
+DEAD_EXIT_SECONDS = 2.0  # a dead engine: /health answers 503 this long before the process exits
+
+
 async def _shutdown_engine(engine: Any) -> None:
     shutdown = getattr(engine, "shutdown", None)
-    if shutdown is not None:
-        result = shutdown()
-        if asyncio.iscoroutine(result):
-            await result
+    if shutdown is None:
+        return
+    if asyncio.iscoroutinefunction(shutdown):
+        await shutdown()
+        return
+    loop = asyncio.get_running_loop()
+    stopped = await loop.run_in_executor(None, functools.partial(shutdown, timeout=ENGINE_STOP_SECONDS))
+    if stopped is False:
+        log.warning("the engine thread did not stop within %g s; exiting without it", ENGINE_STOP_SECONDS)
+
+
+async def _watch_engine(state: ServerState, on_engine_dead: Callable[[str], None] | None) -> None:
+    """If the engine thread stops on its own (it could not recover from errors), /health turns
+    503 at once (ready_state) and the process is asked to exit non-zero."""
+    while True:
+        await asyncio.sleep(WATCHDOG_SECONDS)
+        engine = state.engine
+        if engine is not None and getattr(engine, "is_dead", False):
+            message = getattr(engine, "failure", None) or "the engine thread stopped"
+            log.critical("the engine stopped and cannot recover: %s; exiting in %g s", message, DEAD_EXIT_SECONDS)
+            await asyncio.sleep(DEAD_EXIT_SECONDS)  # balancers and clients see /health 503 first
+            if on_engine_dead is not None:
+                on_engine_dead(message)
+            return
 
 
 def create_app(
     settings: ServerSettings,
     engine: Any = None,
     on_load_failed: Callable[[str], None] | None = None,
+    on_engine_dead: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The app. With `engine` given (tests, embedding) it is used as is: the caller starts and
-    stops it. Without, the lifespan builds one from `settings` in the background."""
+    stops it. Without, the lifespan builds one from `settings` in the background.
+    `on_load_failed` / `on_engine_dead` are told when the server can no longer work (the CLI
+    exits non-zero)."""
     state = ServerState(settings=settings, drain=DrainState(timeout=float(settings.timeout)))
     state.metrics = ServerMetrics(lambda: state.engine)
 
@@ -190,9 +231,11 @@ def create_app(
             attach_engine(state, engine)
         else:
             loader = asyncio.create_task(_load_in_background(state, on_load_failed))
+        watchdog = asyncio.create_task(_watch_engine(state, on_engine_dead))
         try:
             yield
         finally:
+            watchdog.cancel()
             if loader is not None:  # we built the engine, so we stop it (a given one: its owner)
                 loader.cancel()
                 try:
@@ -207,6 +250,8 @@ def create_app(
     app.state.ggserve = state
     install_error_handlers(app)
     # add_middleware wraps: the first added is innermost
+    app.add_middleware(CatchAll)
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(DrainGate, drain=state.drain)
     # llama-server answers any origin; Jan's tauri://localhost included. Credentials are allowed,
     # so Starlette echoes the request's Origin instead of "*".

@@ -3,8 +3,8 @@
 Owns: `APIError` (raise it anywhere in a route), the envelope
 `{"error": {"message", "type", "param", "code"}}` (code = the HTTP status, as llama-server),
 and the exception handlers that turn validation errors, malformed JSON and anything unexpected
-into that envelope. An unexpected exception becomes a 500 whose body never holds a traceback;
-the traceback goes to the log.
+into that envelope (`CatchAll`). An unexpected exception becomes a 500 whose body never holds a
+traceback (the traceback goes to the log), and the connection stays open.
 """
 from __future__ import annotations
 
@@ -108,9 +108,47 @@ async def _http_exception_handler(request: Request, exc: StarletteHTTPException)
     return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
 
 
-async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return APIError(500, "internal server error").response()
+def unexpected_error(exc: BaseException) -> APIError:
+    """What a client sees for an exception no route turned into an APIError. A too-deep input
+    (RecursionError) and text that is not valid Unicode (a lone surrogate) are the client's doing:
+    400s; anything else is ours: a 500 whose body never holds a traceback."""
+    if isinstance(exc, RecursionError):
+        return APIError(400, "the request is nested too deeply to process")
+    if isinstance(exc, UnicodeError):
+        return APIError(400, "the request holds text that is not valid Unicode (a lone surrogate?)")
+    return APIError(500, "internal server error")
+
+
+class CatchAll:
+    """ASGI middleware (inside Starlette's ServerErrorMiddleware) that answers any exception with
+    the envelope. Starlette's own catch-all sends its 500 and then re-raises, which makes uvicorn
+    drop the keep-alive connection (the client's next request on it fails with ECONNRESET); here
+    the exception ends at the response, so the connection stays usable."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            error = unexpected_error(exc)
+            if error.status >= 500:
+                log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            if not started:
+                await error.response()(scope, receive, send)
+            # a response already under way (a stream) cannot change its status: it just ends
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -118,4 +156,3 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(ValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
-    app.add_exception_handler(Exception, _unexpected_handler)

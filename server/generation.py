@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from ggserve.server import engine_api
 from ggserve.server.errors import APIError, context_exceeded
@@ -98,7 +99,10 @@ class Generation:
         any response starts), so they become a clean 400 / 503 and not a broken stream."""
         request_id = new_request_id()
         try:
-            iterator = engine.generate(prompt_ids, params, request_id=request_id)
+            # the sampler's grammar / DRY / bias tables are built on a worker thread: neither the
+            # event loop nor the engine thread waits for one request's setup
+            prepared = await run_in_threadpool(engine.prepare, prompt_ids, params, request_id)
+            iterator = engine.generate(prompt_ids, params, request_id=request_id, prepared=prepared)
         except Exception as exc:
             raise _as_api_error(exc) from None
         return cls(engine, request_id, iterator.__aiter__(), metrics, len(prompt_ids))
@@ -226,3 +230,6 @@ async def merge(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, Any]]:
     finally:
         for task in tasks:
             task.cancel()
+        # wait for them: their generations' cleanup (the abort, the access log's token counts)
+        # must be done before the response is
+        await asyncio.gather(*tasks, return_exceptions=True)

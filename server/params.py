@@ -71,6 +71,18 @@ def normalize_samplers(req: SamplingFields) -> tuple[str, ...] | None:
         raise bad_request(str(exc), "samplers") from None
 
 
+def check_limits(req: SamplingFields, settings: ServerSettings) -> None:
+    """What one request may cost, checked before any of the work: each limit is a setting."""
+    if req.logit_bias is not None and len(req.logit_bias) > settings.max_logit_bias:
+        raise bad_request(f"logit_bias has {len(req.logit_bias)} entries; at most {settings.max_logit_bias} "
+                          "are allowed (--max-logit-bias)", "logit_bias")
+    breakers = req.dry_sequence_breakers
+    if breakers is not None and len(breakers) > settings.max_dry_breakers:
+        raise bad_request(f"dry_sequence_breakers has {len(breakers)} strings; at most {settings.max_dry_breakers} "
+                          "are allowed (--max-dry-breakers)", "dry_sequence_breakers")
+
+
+
 def resolve_grammar(req: SamplingFields) -> tuple[str | None, dict | None]:
     """(GBNF grammar, JSON schema) from grammar / json_schema / response_format, llama.cpp order."""
     schema = req.json_schema
@@ -88,21 +100,23 @@ def resolve_grammar(req: SamplingFields) -> tuple[str | None, dict | None]:
     return req.grammar, schema
 
 
-def _grammar_fields(grammar: str | None, schema: dict | None) -> dict[str, Any]:
-    """The constraint as a GBNF `grammar` sampling field, checked here so a bad one is a 400
-    before any stream starts."""
+def grammar_limits(settings: ServerSettings) -> Any:
+    """The engine's grammar bounds, with the size the operator allows (--max-grammar-bytes)."""
+    return engine_api.GrammarLimits(max_grammar_bytes=settings.max_grammar_bytes)
+
+
+def _grammar_fields(grammar: str | None, schema: dict | None, settings: ServerSettings) -> dict[str, Any]:
+    """The constraint as GBNF `grammar` sampling fields; a JSON schema is converted here (a bad
+    one is a 400 naming json_schema). SamplingParams parses the grammar once, with the limits."""
+    limits = grammar_limits(settings)
     if schema is not None:
         try:
-            return {"grammar": engine_api.json_schema_to_grammar(schema)}
+            grammar = engine_api.json_schema_to_grammar(schema, limits=limits)
         except ValueError as exc:
             raise bad_request(f"json_schema: {exc}", "json_schema") from None
-    if grammar is not None:
-        try:
-            engine_api.parse_grammar(grammar)
-        except ValueError as exc:
-            raise bad_request(f"grammar: {exc}", "grammar") from None
-        return {"grammar": grammar}
-    return {}
+    if grammar is None:
+        return {}
+    return {"grammar": grammar, "grammar_limits": limits}
 
 
 def build_params(
@@ -115,6 +129,7 @@ def build_params(
 ) -> PreparedParams:
     """Validate and convert; `n_probs` overrides the request's own (OpenAI logprobs fields)."""
     defaults = defaults or {}
+    check_limits(req, settings)
     if req.id_slot >= n_slots:
         raise bad_request(f"id_slot {req.id_slot} does not exist (the server has {n_slots} slots)", "id_slot")
     if n_probs is None:
@@ -141,9 +156,12 @@ def build_params(
     if samplers is not None:
         sampling["samplers"] = samplers
     grammar, schema = resolve_grammar(req)
-    sampling.update(_grammar_fields(grammar, schema))
+    sampling.update(_grammar_fields(grammar, schema, settings))
     try:
         sampling_params = engine_api.make_sampling_params(**sampling)
+    except engine_api.GrammarError as exc:
+        param = "json_schema" if schema is not None else "grammar"
+        raise bad_request(f"{param}: {exc}", param) from None
     except ValueError as exc:
         raise bad_request(str(exc)) from None
 
@@ -164,7 +182,7 @@ def build_params(
         raise bad_request(str(exc)) from None
 
     settings_json = {
-        **{k: v for k, v in sampling.items() if k not in ("logit_bias", "samplers")},
+        **{k: v for k, v in sampling.items() if k not in ("logit_bias", "samplers", "grammar_limits")},
         "logit_bias": [{"token": t, "bias": b if math.isfinite(b) else None} for t, b in sampling["logit_bias"]],
         "samplers": list(sampling_params.samplers),
         "n_predict": n_predict,

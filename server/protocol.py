@@ -7,9 +7,11 @@ missing or non-JSON body is a 400 too. Unknown fields are ignored (extra="ignore
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal, Union
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ggserve.server.errors import APIError, _describe_validation
@@ -185,24 +187,56 @@ class SlotActionRequest(_Body):
 
 
 class PropsUpdate(_Body):
-    """POST /props: accepted; the only writable property is the default sampling settings."""
+    """POST /props (with --props): the only writable property is the default sampling settings,
+    checked field by field with SamplingFields' bounds."""
 
     default_generation_settings: dict[str, Any] | None = None
 
 
-async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    """Read and validate the JSON body; every problem is a 400 envelope."""
-    raw = await request.body()
-    if not raw.strip():
-        raise APIError(400, "request body is empty; expected a JSON object")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object")
+# Bodies above this size are parsed and validated on a worker thread: a few megabytes of JSON take
+# tens of milliseconds the event loop must not spend. Smaller ones inline (a thread hop costs more).
+INLINE_PARSE_BYTES = 64 << 10
+# a JSON \u escape of a UTF-16 surrogate; json.loads joins valid pairs and keeps lone ones
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def validate_model(model: type[BaseModel], data: Any, prefix: str = "") -> BaseModel:
+    """`model` from plain data; a violation is a 400 naming the field (under `prefix`)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         message, param = _describe_validation(exc.errors())
+        if prefix:
+            message, param = f"{prefix}.{message}", f"{prefix}.{param}" if param else prefix
         raise APIError(400, message, param=param) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+
+
+def decode_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """Blocking: the JSON body as `model`; every problem is a 400 envelope."""
+    if not raw.strip():
+        raise APIError(400, "request body is empty; expected a JSON object")
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then pay for a full re-encode
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request holds a lone UTF-16 surrogate (\\ud800-\\udfff): "
+                                "not valid Unicode") from None
+    return validate_model(model, data)
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """Read and validate the JSON body (off the event loop when it is large)."""
+    raw = await request.body()
+    if len(raw) > INLINE_PARSE_BYTES:
+        return await run_in_threadpool(decode_body, raw, model)
+    return decode_body(raw, model)

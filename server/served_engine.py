@@ -22,9 +22,9 @@ class ServedEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)
 
-    def generate(self, prompt_ids: Any, params: Any, request_id: str | None = None) -> Any:
+    def generate(self, prompt_ids: Any, params: Any, request_id: str | None = None, prepared: Any = None) -> Any:
         # refusals (busy, prompt too long) are raised here, before any output, as by the engine
-        iterator = self.wrapped.generate(prompt_ids, params, request_id=request_id)
+        iterator = self.wrapped.generate(prompt_ids, params, request_id=request_id, prepared=prepared)
         record = current_record.get()  # None outside an HTTP request (warm-up, tests)
         if request_id is None and record is None:
             return iterator

@@ -42,6 +42,7 @@ class ServerSettings:
     webui: bool = True
     endpoint_metrics: bool = False
     endpoint_slots: bool = True
+    endpoint_props: bool = False  # POST /props may change the server-wide defaults (--props)
     embeddings: bool = False
     slot_save_path: str | None = None
     # chat
@@ -55,6 +56,14 @@ class ServerSettings:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     seed: int = -1
+    # limits: what one request may cost (a 413 / 400 with the OpenAI envelope past them)
+    max_body_bytes: int = 8 << 20  # request body size
+    max_prompts: int = 64  # prompts x choices (n) in one request; each takes an engine place
+    max_logit_bias: int = 16384  # logit_bias entries
+    max_dry_breakers: int = 256  # dry_sequence_breakers strings (each cut to 40 characters)
+    max_grammar_bytes: int = 256 << 10  # GBNF grammar text (JSON schemas: the grammar made from them)
+    template_seconds: float = 10.0  # a chat template render's time (long chats in some templates take seconds)
+    template_max_bytes: int = 8 << 20  # a chat template render's output (and any string it builds)
     # logging
     verbose: bool = False
     log_format: str = "text"
@@ -89,6 +98,10 @@ class ServerSettings:
         need(self.flash_attn in FLASH_ATTN_MODES, f"flash_attn must be one of {FLASH_ATTN_MODES}")
         need(self.log_format in LOG_FORMATS, f"log_format must be one of {LOG_FORMATS}")
         need(self.sse_ping_seconds > 0, "sse_ping_seconds must be > 0")
+        for name in ("max_body_bytes", "max_prompts", "max_logit_bias", "max_dry_breakers", "max_grammar_bytes",
+                     "template_max_bytes"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.template_seconds > 0, f"template_seconds must be > 0, got {self.template_seconds}")
         need(all(isinstance(k, str) and k for k in self.api_keys), "api keys must be non-empty strings")
         need(
             not (self.chat_template and self.chat_template_file),

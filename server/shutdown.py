@@ -15,6 +15,11 @@ request is left (or ABORT_GRACE_SECONDS after aborting) the server stops: uvicor
 socket and idle connections, cancels anything still running after another
 ABORT_GRACE_SECONDS, the lifespan shuts the engine down, and the process exits 0.
 
+Never a hang: whatever is stuck (an engine step that does not return, a worker thread), the
+process is gone HARD_EXIT_MARGIN_SECONDS after `--timeout` from the first signal (exit 1, it had
+to be forced), and FORCED_EXIT_SECONDS after a second signal (exit 0: asked twice, it stops now).
+Both are timer threads started by the signal handler, so a blocked event loop cannot stop them.
+
 Why not uvicorn's own handling: it closes the socket at once (no 503 /health while draining),
 re-raises the signal after serving (the process dies by SIGTERM, not exit 0), and sse-starlette
 patches `Server.handle_exit` to cancel every SSE stream the moment a signal arrives, so
@@ -25,7 +30,10 @@ so at that point it cancels only the streams that overran the timeout.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
@@ -35,11 +43,30 @@ import uvicorn
 from fastapi.responses import JSONResponse
 
 from ggserve.server.errors import APIError
+from ggserve.server.http_protocol import EnvelopeH11Protocol
 
 log = logging.getLogger("ggserve.server")
 
 # after the drain, how long uvicorn waits for leftover connections before cancelling their tasks
 ABORT_GRACE_SECONDS = 3
+HARD_EXIT_MARGIN_SECONDS = 4.5  # first signal: the process is gone by --timeout + this
+FORCED_EXIT_SECONDS = 1.5  # second signal: the process is gone by this
+
+
+def exit_after(seconds: float, code: int, why: str) -> threading.Timer:
+    """A daemon timer that ends the process with `code` unless it has exited by then."""
+
+    def fire() -> None:
+        try:
+            sys.stderr.write(f"ggserve: {why}; exiting now\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 @dataclass
@@ -115,7 +142,13 @@ class GracefulServer(uvicorn.Server):
         # super(): see the module docstring.
         if self.should_exit:
             self.force_exit = True  # a third signal: stop waiting for connections, too
+        first = not self.drain.draining
         self.drain.begin(signal.Signals(sig).name)
+        if first:
+            exit_after(self.drain.timeout + HARD_EXIT_MARGIN_SECONDS, 1,
+                       f"still running {HARD_EXIT_MARGIN_SECONDS:g} s after the drain timeout")
+        else:
+            exit_after(FORCED_EXIT_SECONDS, 0, "second signal")
 
     async def on_tick(self, counter: int) -> bool:
         if await super().on_tick(counter):
@@ -150,4 +183,5 @@ def make_server(app: Any, drain: DrainState, abort_running: Callable[[], int], *
     config.setdefault("timeout_graceful_shutdown", ABORT_GRACE_SECONDS)
     config.setdefault("log_config", None)
     config.setdefault("access_log", False)  # server/access_log.py writes one line per request
+    config.setdefault("http", EnvelopeH11Protocol)  # malformed requests get the envelope (431 / 400)
     return GracefulServer(uvicorn.Config(app, **config), drain, abort_running)

@@ -49,6 +49,9 @@ def ready_state(request: Request) -> ServerState:
     state: ServerState = request.app.state.ggserve
     if state.load_error is not None:
         raise APIError(500, f"model failed to load: {state.load_error}")
+    if state.engine is not None and getattr(state.engine, "is_dead", False):
+        reason = getattr(state.engine, "failure", None) or "unknown error"
+        raise APIError(503, f"the engine stopped: {reason}", type="unavailable_error")
     if not state.ready:
         raise APIError(503, "Loading model", type="unavailable_error", headers={"Retry-After": "1"})
     return state

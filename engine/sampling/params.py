@@ -101,6 +101,7 @@ class SamplingParams:
     logit_bias: Any = field(default_factory=dict)   # any shape parse_logit_bias takes (ids only)
     samplers: Any = DEFAULT_SAMPLERS                # names or letters; normalised
     grammar: str | None = None        # GBNF text
+    grammar_limits: Any = None        # GrammarLimits for parsing it (None: the defaults)
     ignore_eos: bool = False          # bans EOG tokens (llama.cpp adds -inf biases)
 
     def __post_init__(self) -> None:
@@ -137,6 +138,6 @@ class SamplingParams:
             raise ValueError("grammar must be a string")
         # parse now so an invalid grammar is a ValueError (HTTP 400) when the request is built,
         # not a failure inside the engine loop; an empty grammar means none, as in llama.cpp
-        self.parsed_grammar = parse_grammar(self.grammar) if self.grammar else None
+        self.parsed_grammar = parse_grammar(self.grammar, limits=self.grammar_limits) if self.grammar else None
         self.logit_bias = tuple(parse_logit_bias(self.logit_bias))
         self.samplers = normalize_samplers(self.samplers)

@@ -47,6 +47,10 @@ def _functions(tools: list[dict]) -> list[dict]:
         parameters = function.get("parameters", ANY_OBJECT)
         if not isinstance(parameters, dict):
             raise bad_request(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+        try:  # every local $ref must resolve, and the nesting be within bounds (llama.cpp checks too)
+            engine_api.check_schema(parameters)
+        except ValueError as exc:
+            raise bad_request(f"tools[{i}].function.parameters: {exc}", "tools") from None
         functions.append(function)
     return functions
 
@@ -73,14 +77,22 @@ def _choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
 def _schema_grammar(schema: dict) -> str:
     try:
         return engine_api.json_schema_to_grammar(schema)
+    except engine_api.GrammarLimitError:  # too big or too deep: the client's to fix (400)
+        raise
     except ValueError as exc:  # GrammarError: a keyword the converter cannot express
         log.warning("tool parameters not expressible as a grammar (%s); allowing any object", exc)
         return ""
 
 
-def _call_schema(function: dict, fmt: ToolCallFormat, any_args: bool) -> dict:
-    args = ANY_OBJECT if any_args else function.get("parameters", ANY_OBJECT)
+def _call_schema(function: dict, fmt: ToolCallFormat, any_args: bool, at: str = "#") -> dict:
+    """The JSON schema of one call object, to be placed at JSON pointer `at` of the final schema:
+    the parameters' own `$ref`s (e.g. into their `$defs`) are rewritten to point there."""
     args_key = fmt.args_keys[0]
+    if any_args:
+        args = ANY_OBJECT
+    else:
+        pointer = f"{at}/properties/{args_key.replace('~', '~0').replace('/', '~1')}"
+        args = engine_api.rebase_refs(function.get("parameters", ANY_OBJECT), pointer)
     return {
         "type": "object",
         "properties": {"name": {"const": function["name"]}, args_key: args},
@@ -91,11 +103,12 @@ def _call_schema(function: dict, fmt: ToolCallFormat, any_args: bool) -> dict:
 def call_grammar(functions: list[dict], fmt: ToolCallFormat, parallel: bool) -> str:
     """GBNF for one call (or several, with `parallel`) to one of `functions`, in `fmt`."""
     schemas = []
-    for function in functions:
-        schema = _call_schema(function, fmt, any_args=False)
-        if not _schema_grammar(schema):
-            schema = _call_schema(function, fmt, any_args=True)
-        schemas.append(schema)
+    for i, function in enumerate(functions):
+        at = "#" if len(functions) == 1 else f"#/anyOf/{i}"
+        if _schema_grammar(_call_schema(function, fmt, any_args=False)):  # expressible on its own
+            schemas.append(_call_schema(function, fmt, any_args=False, at=at))
+        else:
+            schemas.append(_call_schema(function, fmt, any_args=True))
     object_grammar = _schema_grammar(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
     # the converter names its top rule `root`; ours wraps it in the model's call syntax
     body = re.sub(r"^root ::=", "call-object ::=", object_grammar, count=1, flags=re.M)

@@ -63,6 +63,22 @@ OPTIONS = (
            ("LLAMA_ARG_ENDPOINT_SLOTS",)),
     Option(("--no-slots",), "endpoint_slots", "false", "disable the /slots endpoint",
            ("LLAMA_ARG_NO_ENDPOINT_SLOTS",)),
+    Option(("--props",), "endpoint_props", "true", "let POST /props change the server-wide sampling defaults",
+           ("LLAMA_ARG_ENDPOINT_PROPS",)),
+    Option(("--max-body-bytes",), "max_body_bytes", "int", "largest request body (larger: 413)",
+           ("GGSERVE_MAX_BODY_BYTES",)),
+    Option(("--max-prompts",), "max_prompts", "int", "most prompts x choices in one request",
+           ("GGSERVE_MAX_PROMPTS",)),
+    Option(("--max-logit-bias",), "max_logit_bias", "int", "most logit_bias entries in one request",
+           ("GGSERVE_MAX_LOGIT_BIAS",)),
+    Option(("--max-dry-breakers",), "max_dry_breakers", "int", "most dry_sequence_breakers in one request",
+           ("GGSERVE_MAX_DRY_BREAKERS",)),
+    Option(("--max-grammar-bytes",), "max_grammar_bytes", "int", "largest grammar (GBNF text, or made from a JSON schema)",
+           ("GGSERVE_MAX_GRAMMAR_BYTES",)),
+    Option(("--template-seconds",), "template_seconds", "float", "longest a chat template may render",
+           ("GGSERVE_TEMPLATE_SECONDS",)),
+    Option(("--template-max-bytes",), "template_max_bytes", "int", "largest output of a chat template render",
+           ("GGSERVE_TEMPLATE_MAX_BYTES",)),
     Option(("--context-shift",), "context_shift", "true", "shift the context instead of stopping when full",
            ("LLAMA_ARG_CONTEXT_SHIFT",)),
     Option(("--no-context-shift",), "context_shift", "false", "stop when the context is full (default)",
@@ -272,7 +288,12 @@ def _serve(settings: ServerSettings, create_app: Callable) -> int:
         if "server" in server_box:
             server_box["server"].should_exit = True
 
-    app = create_app(settings, on_load_failed=on_load_failed)
+    def on_engine_dead(message: str) -> None:
+        exit_code["value"] = 1
+        if "server" in server_box:
+            server_box["server"].should_exit = True
+
+    app = create_app(settings, on_load_failed=on_load_failed, on_engine_dead=on_engine_dead)
     state = app.state.ggserve
     server = make_server(
         app, state.drain, state.abort_running, host=settings.host, port=settings.port,

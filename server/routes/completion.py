@@ -25,15 +25,27 @@ from ggserve.server.streaming import sse_response
 router = APIRouter()
 
 
-def prepare(state: ServerState, req: Any, n_probs: int | None = None) -> PreparedParams:
-    return build_params(
-        req, state.settings, state.engine.tokenizer, state.n_slots, n_probs=n_probs, defaults=state.default_sampling
+async def prepare(state: ServerState, req: Any, n_probs: int | None = None) -> PreparedParams:
+    """The request's sampling / generation parameters, built on a worker thread: a grammar, a
+    JSON schema or a long logit_bias costs real time, which the event loop must not spend."""
+    return await run_in_threadpool(
+        build_params, req, state.settings, state.engine.tokenizer, state.n_slots, n_probs, state.default_sampling
     )
 
 
-async def tokenize_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
-    """Every prompt of the request as checked token ids (tokenizing runs off the event loop)."""
+def check_prompt_count(state: ServerState, count: int) -> None:
+    """Each prompt x choice takes a place in the engine's queue: one request may not take them
+    all (--max-prompts), so nobody else is starved by a single client."""
+    if count > state.settings.max_prompts:
+        raise bad_request(f"the request asks for {count} generations (prompts x n); this server allows at most "
+                          f"{state.settings.max_prompts} per request (--max-prompts)", "prompt")
+
+
+async def tokenize_prompts(state: ServerState, prompt: Any, n: int = 1) -> list[list[int]]:
+    """Every prompt of the request as checked token ids (tokenizing runs off the event loop);
+    `n` choices of each."""
     pieces_list = prompts.split_prompts(prompt)
+    check_prompt_count(state, len(pieces_list) * n)
     tokenizer = state.engine.tokenizer
 
     def work() -> list[list[int]]:
@@ -100,7 +112,7 @@ async def native_response(
 async def completion(request: Request, state: ServerState = Depends(ready_state)):
     req = await parse_body(request, CompletionRequest)
     check_single_choice(req)
-    prepared = prepare(state, req)
+    prepared = await prepare(state, req)
     prompt_ids = await tokenize_prompts(state, req.prompt)
     return await native_response(request, state, prompt_ids, prepared, req.return_tokens)
 
@@ -109,7 +121,7 @@ async def completion(request: Request, state: ServerState = Depends(ready_state)
 async def infill(request: Request, state: ServerState = Depends(ready_state)):
     req = await parse_body(request, InfillRequest)
     check_single_choice(req)
-    prepared = prepare(state, req)
+    prepared = await prepare(state, req)
     tokenizer = state.engine.tokenizer
     settings = state.settings
 

@@ -15,7 +15,7 @@ from ggserve.server import engine_api, formatting
 from ggserve.server.state import ServerState, ready_state
 from ggserve.server.errors import APIError
 from ggserve.server.metrics import CONTENT_TYPE
-from ggserve.server.protocol import PropsUpdate, parse_body
+from ggserve.server.protocol import PropsUpdate, SamplingFields, parse_body, validate_model
 
 public = APIRouter()
 protected = APIRouter()
@@ -89,21 +89,30 @@ async def props(state: ServerState = Depends(ready_state)):
         "webui": state.settings.webui,
         "endpoint_slots": state.settings.endpoint_slots,
         "endpoint_metrics": state.settings.endpoint_metrics,
+        "endpoint_props": state.settings.endpoint_props,
         "embeddings": state.settings.embeddings,
     }
 
 
 @protected.post("/props")
 async def set_props(request: Request, state: ServerState = Depends(ready_state)):
+    """llama-server's POST /props, off unless --props: it changes every later request's defaults,
+    so its values pass the same bounds as a request's own fields, and the engine's checks."""
+    if not state.settings.endpoint_props:
+        raise APIError(501, "This server does not support changing global properties. Start it with `--props`")
     req = await parse_body(request, PropsUpdate)
     updates = req.default_generation_settings or {}
     params = updates.get("params", updates) if isinstance(updates, dict) else {}
-    for key in WRITABLE_DEFAULTS:
-        if key in params:
-            value = params[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise APIError(400, f"default_generation_settings.{key} must be a number", param=key)
-            state.default_sampling[key] = value
+    if not isinstance(params, dict):
+        raise APIError(400, "default_generation_settings.params must be an object", param="default_generation_settings")
+    given = {key: params[key] for key in WRITABLE_DEFAULTS if key in params}
+    checked = validate_model(SamplingFields, given, prefix="default_generation_settings.params")
+    values = {key: getattr(checked, key) for key in given}
+    try:
+        engine_api.make_sampling_params(**values)
+    except ValueError as exc:
+        raise APIError(400, f"default_generation_settings.params: {exc}", param="default_generation_settings") from None
+    state.default_sampling.update(values)
     return {"success": True}
 
 

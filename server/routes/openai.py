@@ -25,7 +25,7 @@ from ggserve.server.errors import bad_request
 from ggserve.server.generation import Generation, collect_all, merge, start_many
 from ggserve.server.params import PreparedParams, choice_params, resolve_grammar, with_grammar
 from ggserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from ggserve.server.routes.completion import prepare, tokenize_prompts
+from ggserve.server.routes.completion import check_prompt_count, prepare, tokenize_prompts
 from ggserve.server.streaming import sse_response
 
 router = APIRouter()
@@ -62,16 +62,20 @@ def _chat_plan(state: ServerState, req: ChatCompletionRequest) -> tool_choice.To
 @router.post("/chat/completions")
 async def chat_completions(request: Request, state: ServerState = Depends(ready_state)):
     req = await parse_body(request, ChatCompletionRequest)
+    check_prompt_count(state, req.n)
     if req.logprobs:
         top_n = req.top_logprobs if req.top_logprobs is not None else DEFAULT_TOP_LOGPROBS
         # the engine reports the chosen token's logprob only with n_probs >= 1
-        prepared = prepare(state, req, n_probs=max(top_n, 1))
+        prepared = await prepare(state, req, n_probs=max(top_n, 1))
     else:  # llama.cpp's own n_probs field works here too
-        prepared = prepare(state, req)
+        prepared = await prepare(state, req)
         top_n = prepared.n_probs
-    plan = _chat_plan(state, req)
-    if plan.grammar is not None:
-        prepared = with_grammar(prepared, plan.grammar)
+
+    def constrain() -> tuple[tool_choice.ToolPlan, PreparedParams]:  # tool schemas -> a grammar: not on the loop
+        plan = _chat_plan(state, req)
+        return plan, with_grammar(prepared, plan.grammar) if plan.grammar is not None else prepared
+
+    plan, prepared = await run_in_threadpool(constrain)
     tokenizer = state.engine.tokenizer
     extra = dict(req.chat_template_kwargs or {})
 
@@ -148,8 +152,8 @@ async def _chat_events(
 async def legacy_completions(request: Request, state: ServerState = Depends(ready_state)):
     req = await parse_body(request, CompletionRequest)
     n_probs = req.logprobs if req.logprobs is not None else None
-    prepared = prepare(state, req, n_probs=n_probs)
-    prompt_ids = await tokenize_prompts(state, req.prompt)
+    prepared = await prepare(state, req, n_probs=n_probs)
+    prompt_ids = await tokenize_prompts(state, req.prompt, req.n)
     tokenizer = state.engine.tokenizer
     oai_id = formatting.new_oai_id("cmpl")
     model = state.model_name

@@ -30,7 +30,10 @@ def confined_path(base_dir: str, filename: str | None) -> Path:
     if any(p == ".." for p in parts):
         raise bad_request("filename must not contain '..'", "filename")
     base = Path(base_dir).resolve()
-    target = (base / filename).resolve()  # follows symlinks, so a link out of base is caught
+    try:
+        target = (base / filename).resolve()  # follows symlinks, so a link out of base is caught
+    except (OSError, RuntimeError) as exc:  # a name too long for the file system, a symlink loop
+        raise bad_request(f"filename is not usable: {exc}", "filename") from None
     if target != base and base not in target.parents:
         raise bad_request("filename resolves outside the slot save directory", "filename")
     if target == base:
@@ -47,7 +50,9 @@ def _engine_method(state: ServerState, name: str):
         try:
             return method(*args)
         except ValueError as exc:  # busy slot, unreadable or mismatched file: the client's to fix
-            raise bad_request(str(exc), "id_slot")
+            raise bad_request(str(exc), "id_slot") from None
+        except OSError as exc:  # the name or the directory is not writable / readable as asked
+            raise bad_request(f"slot file: {exc.strerror or exc}", "filename") from None
 
     return call
 

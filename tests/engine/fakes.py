@@ -52,6 +52,15 @@ class FakeKVCache:
     def usage(self) -> tuple[int, int]:
         return sum(len(t) for t in self.tokens), self.n_slots * self.n_ctx
 
+    def save_slot(self, slot_id: int, file) -> int:
+        if self.fail_save:  # a disk that fills up half way through
+            file.write(b"partial")
+            raise OSError(28, "No space left on device")
+        file.write(",".join(map(str, self.tokens[slot_id])).encode())
+        return len(self.tokens[slot_id])
+
+    fail_save = False
+
 
 @dataclass
 class ForwardCall:

@@ -9,7 +9,7 @@ import time
 import pytest
 from tests.engine.fakes import make_core
 
-from ggserve.engine.async_engine import AsyncEngine
+from ggserve.engine.async_engine import MAX_CONSECUTIVE_FAILURES, AsyncEngine
 from ggserve.engine.request import EngineBusyError, EngineError, GenerationParams, PromptTooLongError
 
 
@@ -234,3 +234,136 @@ def test_streams_are_delivered_on_their_own_loop_thread():
         assert seen and all(t == loop_thread for t in seen)
 
     asyncio.run(main())
+
+
+# ---- supervision: the engine thread never leaves a waiter hanging -------------------------------
+
+
+class FlakyCore(SlowCore):
+    """A core whose `stats` (called every loop pass, outside `step`) raises while `failing` is set."""
+
+    def __init__(self, core):
+        super().__init__(core, 0.0)
+        self.failing = 0  # how many more calls fail (-1: all)
+
+    def step(self):
+        return self._core.step()
+
+    def stats(self):
+        if self.failing:
+            self.failing -= 1 if self.failing > 0 else 0
+            raise RuntimeError("stats bug")
+        return self._core.stats()
+
+
+def test_an_error_outside_the_step_fails_the_requests_in_flight_and_the_engine_goes_on():
+    core = FlakyCore(make_core())
+    engine = AsyncEngine(core, max_queue=8)
+    engine.start()
+
+    async def main():
+        core.failing = 1
+        with pytest.raises(EngineError, match="stats bug"):
+            await asyncio.wait_for(collect(engine.generate([1, 2, 3], GenerationParams(max_tokens=5))), 30)
+        outs = await asyncio.wait_for(collect(engine.generate([4, 5], GenerationParams(max_tokens=3))), 30)
+        assert outs[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in outs) == 3
+
+    try:
+        asyncio.run(main())
+        assert engine.is_running and not engine.is_dead
+    finally:
+        engine.shutdown(timeout=10)
+
+
+def test_an_engine_that_cannot_recover_stops_and_every_waiter_gets_an_error():
+    core = FlakyCore(make_core())
+    engine = AsyncEngine(core, max_queue=8)
+    engine.start()
+
+    async def main():
+        core.failing = -1
+        for _ in range(MAX_CONSECUTIVE_FAILURES):  # every request fails; the third failure in a row is fatal
+            with pytest.raises(EngineError):
+                await asyncio.wait_for(collect(engine.generate([1, 2, 3], GenerationParams(max_tokens=5))), 30)
+        for _ in range(3000):
+            if engine.is_dead:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.is_dead and "stats bug" in engine.failure
+        with pytest.raises(EngineError, match="the engine stopped"):
+            engine.generate([1, 2], GenerationParams(max_tokens=2))
+        with pytest.raises(EngineError, match="the engine stopped"):
+            await asyncio.wait_for(engine.embed([1, 2]), 30)
+
+    try:
+        asyncio.run(main())
+        with pytest.raises(EngineError):
+            engine.save_slot(0, "/nonexistent/never-written")
+    finally:
+        engine.shutdown(timeout=10)
+
+
+def test_a_stream_waiting_on_a_dead_engine_ends_with_an_error():
+    release = threading.Event()
+
+    class Stuck(SlowCore):
+        def step(self):
+            release.wait(30)
+            raise SystemExit("the engine thread dies")  # a BaseException: no recovery
+
+    engine = AsyncEngine(Stuck(make_core(), 0.0), max_queue=8)
+    engine.start()
+
+    async def main():
+        stream = engine.generate([1, 2, 3], GenerationParams(max_tokens=5))
+        release.set()
+        with pytest.raises(EngineError, match="the engine stopped"):
+            await asyncio.wait_for(collect(stream), 30)
+
+    asyncio.run(main())
+    assert engine.is_dead
+
+
+def test_shutdown_gives_up_on_a_step_that_never_returns():
+    release = threading.Event()
+
+    class Hung(SlowCore):
+        def step(self):
+            release.wait(60)
+            return self._core.step()
+
+    engine = AsyncEngine(Hung(make_core(), 0.0), max_queue=8)
+    engine.start()
+
+    async def main():
+        engine.generate([1, 2, 3], GenerationParams(max_tokens=5))
+        await asyncio.sleep(0.2)  # the engine thread is now inside the hung step
+        assert engine.shutdown(timeout=0.5) is False
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+
+
+def test_requests_are_prepared_off_the_engine_thread():
+    engine = make_engine()
+    threads = []
+    real_prepare = engine.core.prepare
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_prepare(*args, **kwargs)
+
+    engine.core.prepare = spy
+
+    async def main():
+        prepared = await asyncio.to_thread(engine.prepare, [1, 2, 3], GenerationParams(max_tokens=2), "r-prep")
+        outs = await asyncio.wait_for(collect(engine.generate([1, 2, 3], prepared=prepared)), 30)
+        assert outs[-1].request_id == "r-prep" and outs[-1].is_finished
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown(timeout=10)
+    assert threads and "ggserve-engine" not in threads

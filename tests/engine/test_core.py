@@ -199,3 +199,35 @@ def test_a_failing_sampler_fails_only_its_own_request():
     assert outs[bad.request_id][-1].finish_reason == "abort"
     assert "no further token" in outs[bad.request_id][-1].error
     assert len(good.output_ids) == 3 and outs[good.request_id][-1].error is None
+
+
+# ---- slot files: a save never destroys what is there unless it succeeds ------------------------
+
+
+def test_saving_a_busy_slot_leaves_the_existing_file_alone(tmp_path):
+    core = make_core(n_slots=1)
+    path = tmp_path / "slot0.bin"
+    path.write_bytes(b"an earlier save")
+    core.add_request([1, 2, 3], GenerationParams(max_tokens=50))
+    core.step()  # the request now occupies slot 0
+    with pytest.raises(ValueError, match="busy|processing"):
+        core.save_slot(0, str(path))
+    assert path.read_bytes() == b"an earlier save"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slot0.bin"]
+
+
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    core = make_core(n_slots=1)
+    path = tmp_path / "slot0.bin"
+    path.write_bytes(b"an earlier save")
+    core.add_request([1, 2, 3], GenerationParams(max_tokens=2))
+    run_to_completion(core)  # slot 0 is idle again, with the prompt cached
+    core.model.kv_cache.fail_save = True
+    with pytest.raises(OSError):
+        core.save_slot(0, str(path))
+    assert path.read_bytes() == b"an earlier save"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slot0.bin"]
+    core.model.kv_cache.fail_save = False
+    assert core.save_slot(0, str(path)) > 0
+    assert path.read_bytes() != b"an earlier save"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slot0.bin"]

@@ -130,3 +130,14 @@ def test_restore_rejects_a_file_of_another_layout(tmp_path):
     path.write_bytes(b"not a slot file")
     with open(path, "rb") as f, pytest.raises(ValueError, match="not a saved slot file"):
         make_cache("f32").restore_slot(0, f)
+
+
+def test_restore_rejects_a_truncated_file(tmp_path):
+    cache = make_cache("f32")
+    fill(cache, 1, [5, 6, 7, 8])
+    path = tmp_path / "slot.bin"
+    with open(path, "wb") as f:
+        cache.save_slot(1, f)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with open(path, "rb") as f, pytest.raises(ValueError, match="not a saved slot file"):
+        make_cache("f32").restore_slot(0, f)

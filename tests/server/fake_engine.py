@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ggserve.engine import EngineStats, RequestOutput, SlotStats, Timings, TokenLogprob, TokenProbs
+from ggserve.engine import EngineStats, Request, RequestOutput, SlotStats, Timings, TokenLogprob, TokenProbs
 from ggserve.server.engine_api import EngineBusyError
 
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_suffix|>",
@@ -104,13 +104,18 @@ class FakeEngine:
 
     # ---- the interface the server uses -------------------------------------------------------
 
-    def generate(self, prompt_ids, params, request_id=None):
-        # like the real AsyncEngine: refusals are raised here, not on the first iteration
-        if self.busy:
-            raise EngineBusyError("queue is full")
+    def prepare(self, prompt_ids, params, request_id=None) -> Request:
+        # like the real AsyncEngine: a request that can never run is refused here
         if not prompt_ids or len(prompt_ids) >= self.n_ctx:
             raise ValueError("the prompt does not fit")
-        return self._generate(list(prompt_ids), params, request_id or f"fake-{len(self.requests)}")
+        return Request(request_id or f"fake-{len(self.requests)}", list(prompt_ids), params)
+
+    def generate(self, prompt_ids, params, request_id=None, prepared: Request | None = None):
+        # like the real AsyncEngine: refusals are raised here, not on the first iteration
+        request = prepared if prepared is not None else self.prepare(prompt_ids, params, request_id)
+        if self.busy:
+            raise EngineBusyError("queue is full")
+        return self._generate(request.prompt_ids, request.params, request.request_id)
 
     async def _generate(self, prompt_ids, params, request_id):
         self.requests.append(FakeRequest(prompt_ids, params, request_id))

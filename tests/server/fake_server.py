@@ -36,9 +36,25 @@ class FakeServingEngine(FakeEngine):
 
     def start(self) -> None:
         log.info("fake engine started")
+        self.died_at = time.monotonic() + float(os.environ.get("FAKE_DIE_AFTER_SECONDS", "inf"))
 
-    def shutdown(self) -> None:
+    @property
+    def is_dead(self) -> bool:  # the real AsyncEngine's: its thread stopped on its own
+        return time.monotonic() >= self.died_at
+
+    @property
+    def failure(self) -> str | None:
+        return "fake engine thread crashed" if self.is_dead else None
+
+    def prepare(self, prompt_ids, params, request_id=None):
+        trigger = os.environ.get("FAKE_RAISE_ON_PROMPT")  # an engine bug, on demand
+        if trigger and trigger in self.tokenizer.decode(prompt_ids):
+            raise RuntimeError("fake engine bug")
+        return super().prepare(prompt_ids, params, request_id)
+
+    def shutdown(self, drain: bool = False, timeout: float | None = None) -> bool:
         log.info("fake engine shut down")
+        return True
 
 
 def build_fake_engine(settings) -> FakeServingEngine:

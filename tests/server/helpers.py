@@ -67,8 +67,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model_path: Path, log_dir: Path, *args: str) -> Iterator[str]:
-    """Start the real server on a free port with `args`, wait for /health, yield its base URL,
+def server_process(model_path: Path, log_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Start the real server on a free port with `args`, wait for /health, yield (process, base URL),
     stop it afterwards. The server's output goes to log_dir/server.log (shown on failure)."""
     port = free_port()
     log_path = log_dir / "server.log"
@@ -89,6 +89,14 @@ def running_server(model_path: Path, log_dir: Path, *args: str) -> Iterator[str]
             if time.monotonic() > deadline:
                 pytest.fail(f"server not ready after {STARTUP_TIMEOUT}s:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.5)
-        yield url
+        yield proc, url
     finally:
-        stop_process(proc, 30)
+        if proc.poll() is None:
+            stop_process(proc, 30)
+
+
+@contextmanager
+def running_server(model_path: Path, log_dir: Path, *args: str) -> Iterator[str]:
+    """`server_process`, yielding the base URL only."""
+    with server_process(model_path, log_dir, *args) as (_, url):
+        yield url

@@ -287,7 +287,7 @@ def test_health_models_props():
 
 def test_post_props_changes_defaults():
     engine = FakeEngine()
-    with fake_client(engine) as client:
+    with fake_client(engine, endpoint_props=True) as client:
         assert client.post("/props", json={"default_generation_settings": {"params": {"temperature": 0.1}}}).json() \
             == {"success": True}
         client.post("/completion", json={"prompt": "Hi", "n_predict": 1})
@@ -449,8 +449,10 @@ def test_built_engine_is_shut_down_with_the_app(monkeypatch):
         def start(self):
             self.started = True
 
-        def shutdown(self):
+        def shutdown(self, drain=False, timeout=None):
             self.stopped = True
+            self.stop_timeout = timeout
+            return True
 
     engine = Tracked()
     monkeypatch.setattr(app_module, "build_engine", lambda settings: engine)
@@ -463,6 +465,7 @@ def test_built_engine_is_shut_down_with_the_app(monkeypatch):
         # --chat-template NAME overrides the model's template
         prompt = client.post("/apply-template", json={"messages": CHAT}).json()["prompt"]
     assert engine.started and engine.stopped
+    assert engine.stop_timeout == app_module.ENGINE_STOP_SECONDS  # a stuck engine cannot hold the exit
     # the warm-up generations ran before the server reported ready: a short prompt for the decode
     # kernels and one long enough for the engine's prefill path (>= 32 tokens)
     assert [r.params.max_tokens for r in engine.requests] == [2, 2]
@@ -486,3 +489,22 @@ def test_chat_template_file_overrides_the_model_template(tmp_path, monkeypatch):
             threading.Event().wait(0.01)
         assert client.post("/apply-template", json={"messages": CHAT}).json() == {"prompt": "[user]Say hello"}
     assert engine.requests == []  # --no-warmup
+
+
+def test_post_props_is_off_without_the_flag_and_checks_every_value_with_it():
+    engine = FakeEngine()
+    with fake_client(engine) as client:
+        r = client.post("/props", json={"default_generation_settings": {"params": {"temperature": 0.1}}})
+        assert r.status_code == 501 and "--props" in r.json()["error"]["message"]
+    poison = [{"temperature": float("nan")}, {"temperature": float("inf")}, {"top_k": -7}, {"top_p": 55},
+              {"min_p": -1}, {"temperature": "hot"}, {"seed": 1.5}]
+    with fake_client(engine, endpoint_props=True) as client:
+        for params in poison:  # NaN / Infinity as Python's json writes them (and parses them)
+            body = json.dumps({"default_generation_settings": {"params": params}}, allow_nan=True)
+            r = client.post("/props", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, params
+            assert r.json()["error"]["param"].startswith("default_generation_settings"), r.json()
+        # nothing was stored: every request and the read endpoints still work with the old defaults
+        assert client.get("/props").json()["default_generation_settings"]["params"]["temperature"] == 0.8
+        assert client.get("/slots").status_code == 200
+        assert client.post("/completion", json={"prompt": "Hi", "n_predict": 1}).status_code == 200

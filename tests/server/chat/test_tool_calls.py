@@ -274,3 +274,25 @@ def test_route_streaming_without_tools_is_unchanged():
         chunks = sse_json(chat(client, stream=True).text)
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
         assert text == PARIS_CALL and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+UNIT = {"type": "function", "function": {"name": "convert", "parameters": {
+    "type": "object", "properties": {"unit": {"$ref": "#/$defs/unit"}}, "required": ["unit"],
+    "$defs": {"unit": {"type": "string", "enum": ["C", "F"]}}}}}
+
+
+def test_tool_parameters_with_defs_are_constrained_where_they_are_placed():
+    for functions in ([UNIT["function"]], [WEATHER["function"], UNIT["function"]]):
+        grammar = call_grammar(functions, HERMES, parallel=False)
+        assert full_match(grammar, '<tool_call>\n{"name": "convert", "arguments": {"unit": "C"}}\n</tool_call>')
+        assert not full_match(grammar, '<tool_call>\n{"name": "convert", "arguments": {"unit": "K"}}\n</tool_call>')
+
+
+def test_a_tool_schema_with_a_dangling_ref_is_a_400():
+    broken = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}}}
+    with fake_client() as client:
+        for tool_choice in ("auto", "required"):
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "tools": [broken], "tool_choice": tool_choice})
+            assert r.status_code == 400 and "#/$defs/missing" in r.json()["error"]["message"], r.text
