@@ -195,8 +195,13 @@ async def stuck_slots(client: httpx.AsyncClient, url: str, wait_s: float = 30.0)
 
 async def soak(url: str, *, pid: int | None = None, clients: int = 16, duration_s: float = 600.0,
                disconnect: float = 0.2, max_tokens: int = 64, seed: int = 0, request_timeout: float = 120.0,
-               api_key: str | None = None, slot_wait_s: float = 30.0, progress: bool = False) -> dict:
-    """Run the clients against `url` for `duration_s` s and return the summary dict."""
+               api_key: str | None = None, slot_wait_s: float = 30.0, progress: bool = False,
+               warmup_s: float = 0.0) -> dict:
+    """Run the clients against `url` for `duration_s` s and return the summary dict.
+
+    With `warmup_s`, the same workload runs that long first and is not counted: the baseline RSS
+    is then taken after every request kind has run at full concurrency (kernels compiled for each
+    batch shape, allocator pools grown), so the growth measured is what a long run adds."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(request_timeout, connect=10), headers=headers,
                                  limits=httpx.Limits(max_connections=clients + 4)) as client:
@@ -204,7 +209,14 @@ async def soak(url: str, *, pid: int | None = None, clients: int = 16, duration_
             (await client.post(url + "/completion", json={"prompt": "Hello", "n_predict": 4})).raise_for_status()
         except httpx.HTTPError as exc:
             print(f"warning: warm-up request failed: {exc!r}", file=sys.stderr)
+        if warmup_s > 0:
+            warmup_end = time.monotonic() + warmup_s
+            await asyncio.gather(*(client_loop(
+                i, client, url, warmup_end, Tally(), disconnect=disconnect, max_tokens=max_tokens,
+                seed=seed + 1, request_timeout=request_timeout) for i in range(clients)))
+            await stuck_slots(client, url, slot_wait_s)  # every warm-up request over
         rss_start, tally = current_rss_mib(pid), Tally()
+        rss_trend: list[float] = []
         started = time.monotonic()
         deadline = started + duration_s
         tasks = [asyncio.create_task(client_loop(
@@ -212,9 +224,13 @@ async def soak(url: str, *, pid: int | None = None, clients: int = 16, duration_
             request_timeout=request_timeout)) for i in range(clients)]
         while progress and not all(t.done() for t in tasks):
             await asyncio.wait(tasks, timeout=30)
+            rss = current_rss_mib(pid)
+            if rss is not None:
+                rss_trend.append(rss)
             print(f"  {time.monotonic() - started:5.0f} s: {tally.started} started, {tally.completed} completed, "
                   f"{tally.disconnected} disconnected, {tally.lost} lost, {tally.hung} hung, "
-                  f"{sum(tally.errors_by_status.values())} errors, {tally.busy_503} busy", file=sys.stderr)
+                  f"{sum(tally.errors_by_status.values())} errors, {tally.busy_503} busy, "
+                  f"RSS {mib(rss)}", file=sys.stderr)
         await asyncio.gather(*tasks)
         duration = time.monotonic() - started
         slots = await stuck_slots(client, url, slot_wait_s)
@@ -224,7 +240,8 @@ async def soak(url: str, *, pid: int | None = None, clients: int = 16, duration_
         "requests_started": tally.started, "requests_completed": tally.completed,
         "disconnected": tally.disconnected, "lost": tally.lost, "hung": tally.hung,
         "errors_by_status": dict(tally.errors_by_status), "busy_503": tally.busy_503, "slots_stuck": slots,
-        "rss_start_mib": rss_start, "rss_end_mib": rss_end, "rss_growth_pct": growth,
+        "rss_start_mib": rss_start, "rss_end_mib": rss_end, "rss_growth_pct": growth, "rss_trend_mib": rss_trend,
+        "warmup_s": warmup_s,
         "duration_s": round(duration, 1), "clients": clients, "problems": tally.problems,
     }
 
@@ -235,8 +252,11 @@ def passed(summary: dict) -> bool:
             and summary.get("server_exit_code") is None)
 
 
+def mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} MiB"
+
+
 def format_summary(s: dict) -> str:
-    mib = lambda v: "n/a" if v is None else f"{v:.0f} MiB"  # noqa: E731
     growth = "n/a" if s["rss_growth_pct"] is None else f"{s['rss_growth_pct']:+.1f}%"
     rows = {
         "requests started": s["requests_started"], "completed": s["requests_completed"],
@@ -270,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=120, help="seconds before a request counts as HUNG")
     p.add_argument("--server-args", default="", help='extra flags for the started server, e.g. "-t 2"')
     p.add_argument("--startup-timeout", type=float, default=900, help="seconds to wait for /health")
+    p.add_argument("--warmup-minutes", type=float, default=1.0,
+                   help="run the workload this long first, uncounted, before the baseline RSS")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     return p
 
@@ -290,7 +312,8 @@ async def run(args: argparse.Namespace) -> int:
             await wait_healthy(client, url, args.startup_timeout, proc, log_path)
         summary = await soak(url, pid=pid, clients=args.clients, duration_s=args.minutes * 60,
                              disconnect=args.disconnect, max_tokens=args.max_tokens, seed=args.seed,
-                             request_timeout=args.request_timeout, api_key=args.api_key, progress=True)
+                             request_timeout=args.request_timeout, api_key=args.api_key, progress=True,
+                             warmup_s=args.warmup_minutes * 60)
         summary["server_exit_code"] = proc.poll() if proc is not None else None
     finally:
         if proc is not None:

@@ -284,9 +284,12 @@ def xtc(c: Candidates, probability: float, threshold: float, min_keep: int,
 def dist_select(c: Candidates, draw_f64: Callable[[], float]) -> tuple[Candidates, int]:
     """llama.cpp's `dist`: softmax, then walk the cumulative mass (float64) to rnd * total.
 
-    Returns (candidates with probs, selected position). One draw, except for size 1.
+    Returns (candidates with probs, selected position). Always one draw: with one candidate
+    llama.cpp still draws (to keep its RNG aligned with backend sampling), so a seeded request's
+    later draws stay llama.cpp's after a step that left one token (e.g. min_p).
     """
     if c.size == 1:
+        draw_f64()
         c.probs = np.ones(1, np.float32)
         return c, 0
     max_logit = c.logits[0] if c.sorted else c.logits.max()

@@ -7,12 +7,15 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import subprocess
+import sys
 import time
 from urllib.parse import urlparse
 
 import pytest
 
-from tests.server.fake_server import fake_server_process
+from tests.server.fake_server import fake_server_process, free_port
+from tests.testdata import REPO_ROOT
 
 CHAT = [{"role": "user", "content": "Say hello"}]
 GOOD = ("POST", "/completion", {"prompt": "Hi", "n_predict": 2})
@@ -135,3 +138,33 @@ def test_a_dead_engine_turns_health_503_and_the_process_exits_non_zero(tmp_path)
         assert status == 503 and payload["error"]["message"] == "the engine stopped: fake engine thread crashed"
         assert server.proc.wait(30) == 1
         assert "the engine stopped and cannot recover" in server.log_text()
+
+
+CHATML_TAIL = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_spins_on_some_input_is_stopped_and_the_server_goes_on(tmp_path):
+    template = tmp_path / "spin.jinja"
+    template.write_text("{% if messages[-1].content == 'spin' %}{% for i in range(100000) %}"
+                        "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}" + CHATML_TAIL)
+    with fake_server_process(tmp_path, "--chat-template-file", str(template), "--template-seconds", "1") as server:
+        conn = Connection(server.url)
+        status, _, payload = conn.request("POST", "/v1/chat/completions",
+                                          {"messages": [{"role": "user", "content": "spin"}]})
+        assert status == 400 and "took longer than 1 s" in payload["error"]["message"], payload
+        assert "ggserve." not in payload["error"]["message"]
+        status, _, payload = conn.request("POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})
+        assert status == 200 and conn.same_socket, payload
+
+
+def test_a_template_that_cannot_render_fails_the_start_with_one_line(tmp_path):
+    template = tmp_path / "broken.jinja"
+    template.write_text("{{ raise_exception('this template is broken') }}")
+    model = tmp_path / "fake-model.gguf"
+    model.write_bytes(b"not read")
+    done = subprocess.run([sys.executable, "-m", "tests.server.fake_server", "-m", str(model), "--port",
+                           str(free_port()), "--chat-template-file", str(template)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "this template is broken" in done.stderr and "Traceback" not in done.stderr

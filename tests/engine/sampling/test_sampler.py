@@ -297,3 +297,17 @@ def test_top_order_with_live_positions_matches_plain_selection():
     only_few[few] = logits[few]
     got = S.top_order(only_few, 20, few)
     assert got[:5].tolist() == S.top_order(only_few, 5).tolist() and len(set(got.tolist())) == 20
+
+
+def test_dist_draws_once_even_when_one_candidate_is_left():
+    """llama.cpp's dist draws with a single candidate too, so the seeded stream after such a step
+    (min_p leaving one token, say) stays aligned with llama.cpp's."""
+    draws = []
+
+    def draw() -> float:
+        draws.append(1)
+        return 0.5
+
+    one = S.Candidates(np.array([7], np.int32), np.array([1.0], np.float32), None, True, False)
+    c, pos = S.dist_select(one, draw)
+    assert pos == 0 and c.probs.tolist() == [1.0] and len(draws) == 1

@@ -13,25 +13,13 @@ import pytest
 from jinja2.sandbox import SandboxedEnvironment
 
 from ggserve.server.chat.template import ChatTemplate, ChatTemplateError, TemplateLimits
-from tests.testdata import reference_data_dir
+from tests.server.chat.test_template import CONVERSATION, _template_files
 
-TEMPLATES_DIR = reference_data_dir() / "chat-templates"
-CONVERSATION = [
-    {"role": "system", "content": "You are a terse assistant."},
-    {"role": "user", "content": "What is 2+2?"},
-    {"role": "assistant", "content": "It is 4."},
-    {"role": "user", "content": "And 3+3?"},
-]
 HANG = 60.0  # seconds: long enough for a loaded 2-core CI machine, short enough to catch a hang
 MAX_GROWTH_MIB = 200
 SPIN = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 
 
-def _template_files() -> list:
-    if not TEMPLATES_DIR.is_dir():
-        reason = f"llama.cpp's chat templates not found at {TEMPLATES_DIR} (set GGSERVE_TESTDATA)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="no-templates")]
-    return sorted(TEMPLATES_DIR.glob("*.jinja"))
 
 
 def _status_kib(field: str) -> int:
