@@ -92,7 +92,8 @@ OPTIONS = (
     Option(("--cache-reuse",), "cache_reuse", "int", "min chunk size to reuse from the cache via KV shifting",
            ("LLAMA_ARG_CACHE_REUSE",)),
     Option(("-to", "--timeout"), "timeout", "int", "server read/write timeout in seconds; also how long a shutdown waits for running requests", ("LLAMA_ARG_TIMEOUT",)),
-    Option(("--no-webui",), "webui", "false", "do not serve the web chat page at /", ("LLAMA_ARG_NO_WEBUI",)),
+    Option(("--ui", "--webui"), "webui", "true", "serve the web chat page at / (default)", ("LLAMA_ARG_UI",)),
+    Option(("--no-ui", "--no-webui"), "webui", "false", "do not serve the web chat page at /", ("LLAMA_ARG_NO_WEBUI",)),
     Option(("-ctk", "--cache-type-k"), "cache_type_k", "str", "KV cache data type for K",
            ("LLAMA_ARG_CACHE_TYPE_K",)),
     Option(("-ctv", "--cache-type-v"), "cache_type_v", "str", "KV cache data type for V",
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="ignored_ngl", metavar="N",
                         help="accepted for compatibility (CPU only)")
     parser.add_argument("--mlock", dest="ignored_mlock", action="store_true", help="accepted for compatibility")
+    parser.add_argument("--offline", dest="ignored_offline", action="store_true",
+                        help="accepted for compatibility: ggserve never downloads anything")
     parser.add_argument("--no-mmap", dest="ignored_mmap", action="store_true", help="accepted for compatibility")
     return parser
 

@@ -146,4 +146,6 @@ async def metrics(request: Request):
     state: ServerState = request.app.state.ggserve
     if not state.settings.endpoint_metrics:
         raise APIError(501, "This server does not support metrics endpoint. Start it with `--metrics`")
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+    # llama-server's header: when the counters started (its clients compute rates from it)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE,
+                    headers={"Process-Start-Time-Unix": str(int(state.started_at))})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -336,6 +337,8 @@ def test_metrics_endpoint():
         client.post("/completion", json={"prompt": "Hi", "n_predict": 4})
         r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    started = int(r.headers["Process-Start-Time-Unix"])  # llama-server's header
+    assert abs(started - time.time()) < 3600
     text = r.text
     for name in ("prompt_tokens_total", "prompt_seconds_total", "tokens_predicted_total",
                  "tokens_predicted_seconds_total", "n_decode_total", "n_busy_slots_per_decode",

@@ -147,3 +147,11 @@ def test_python_dash_m_server_help_and_bad_flag():
     assert bad.returncode == 2
 
 
+
+
+def test_llama_server_spellings_of_the_ui_and_offline_flags():
+    """llama.cpp's own server tests pass --offline to every server, and llama-server spells the
+    web UI switch --ui / --no-ui too: a start must not fail on them."""
+    assert resolve_settings(["--offline", "--no-ui"], environ={}).webui is False
+    assert resolve_settings(["--no-webui", "--ui"], environ={}).webui is True
+    assert resolve_settings([], environ={"LLAMA_ARG_UI": "0"}).webui is False
