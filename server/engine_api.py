@@ -29,7 +29,6 @@ from ggserve.engine import (  # noqa: F401  (re-exported for the routes)
     normalize_samplers,
     parse_logit_bias,
     rebase_refs,
-    parse_grammar,
 )
 
 

@@ -82,7 +82,6 @@ def check_limits(req: SamplingFields, settings: ServerSettings) -> None:
                           "are allowed (--max-dry-breakers)", "dry_sequence_breakers")
 
 
-
 def resolve_grammar(req: SamplingFields) -> tuple[str | None, dict | None]:
     """(GBNF grammar, JSON schema) from grammar / json_schema / response_format, llama.cpp order."""
     schema = req.json_schema
@@ -107,16 +106,15 @@ def grammar_limits(settings: ServerSettings) -> Any:
 
 def _grammar_fields(grammar: str | None, schema: dict | None, settings: ServerSettings) -> dict[str, Any]:
     """The constraint as GBNF `grammar` sampling fields; a JSON schema is converted here (a bad
-    one is a 400 naming json_schema). SamplingParams parses the grammar once, with the limits."""
+    one is a 400 naming json_schema). SamplingParams parses the grammar once, with the limits,
+    which it keeps even without a grammar: a tool-call grammar added later gets the same ones."""
     limits = grammar_limits(settings)
     if schema is not None:
         try:
             grammar = engine_api.json_schema_to_grammar(schema, limits=limits)
         except ValueError as exc:
             raise bad_request(f"json_schema: {exc}", "json_schema") from None
-    if grammar is None:
-        return {}
-    return {"grammar": grammar, "grammar_limits": limits}
+    return {"grammar_limits": limits} if grammar is None else {"grammar": grammar, "grammar_limits": limits}
 
 
 def build_params(

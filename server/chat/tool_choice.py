@@ -74,9 +74,9 @@ def _choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
     return "required", name
 
 
-def _schema_grammar(schema: dict) -> str:
+def _schema_grammar(schema: dict, limits: Any = None) -> str:
     try:
-        return engine_api.json_schema_to_grammar(schema)
+        return engine_api.json_schema_to_grammar(schema, limits=limits)
     except engine_api.GrammarLimitError:  # too big or too deep: the client's to fix (400)
         raise
     except ValueError as exc:  # GrammarError: a keyword the converter cannot express
@@ -100,16 +100,16 @@ def _call_schema(function: dict, fmt: ToolCallFormat, any_args: bool, at: str = 
     }
 
 
-def call_grammar(functions: list[dict], fmt: ToolCallFormat, parallel: bool) -> str:
+def call_grammar(functions: list[dict], fmt: ToolCallFormat, parallel: bool, limits: Any = None) -> str:
     """GBNF for one call (or several, with `parallel`) to one of `functions`, in `fmt`."""
     schemas = []
     for i, function in enumerate(functions):
         at = "#" if len(functions) == 1 else f"#/anyOf/{i}"
-        if _schema_grammar(_call_schema(function, fmt, any_args=False)):  # expressible on its own
+        if _schema_grammar(_call_schema(function, fmt, any_args=False), limits):  # expressible on its own
             schemas.append(_call_schema(function, fmt, any_args=False, at=at))
         else:
             schemas.append(_call_schema(function, fmt, any_args=True))
-    object_grammar = _schema_grammar(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
+    object_grammar = _schema_grammar(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}, limits)
     # the converter names its top rule `root`; ours wraps it in the model's call syntax
     body = re.sub(r"^root ::=", "call-object ::=", object_grammar, count=1, flags=re.M)
     if fmt is LLAMA3:
@@ -122,8 +122,9 @@ def call_grammar(functions: list[dict], fmt: ToolCallFormat, parallel: bool) -> 
 
 def resolve_tools(
     tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: bool | None, template_source: str | None,
-    has_user_constraint: bool,
+    has_user_constraint: bool, limits: Any = None,
 ) -> ToolPlan:
+    """`limits`: the engine's GrammarLimits for the call grammar (None: the defaults)."""
     functions = _functions(tools or [])
     names = [f["name"] for f in functions]
     mode, forced = _choice(tool_choice, names)
@@ -138,4 +139,8 @@ def resolve_tools(
                           "grammar / json_schema / response_format", "tool_choice")
     allowed = [f for f in functions if forced is None or f["name"] == forced]
     parallel = parallel_tool_calls is not False and forced is None
-    return ToolPlan(tools, parsing, call_grammar(allowed, fmt, parallel))
+    try:
+        grammar = call_grammar(allowed, fmt, parallel, limits)
+    except engine_api.GrammarLimitError as exc:  # too many / too large tools for the limits: the client's to fix
+        raise bad_request(f"tools: {exc}", "tools") from None
+    return ToolPlan(tools, parsing, grammar)

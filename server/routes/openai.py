@@ -23,7 +23,7 @@ from ggserve.server.chat import prompts, tool_calls, tool_choice
 from ggserve.server.state import ServerState, ready_state
 from ggserve.server.errors import bad_request
 from ggserve.server.generation import Generation, collect_all, merge, start_many
-from ggserve.server.params import PreparedParams, choice_params, resolve_grammar, with_grammar
+from ggserve.server.params import PreparedParams, choice_params, grammar_limits, resolve_grammar, with_grammar
 from ggserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from ggserve.server.routes.completion import check_prompt_count, prepare, tokenize_prompts
 from ggserve.server.streaming import sse_response
@@ -54,7 +54,7 @@ def _chat_plan(state: ServerState, req: ChatCompletionRequest) -> tool_choice.To
     grammar, schema = resolve_grammar(req)
     return tool_choice.resolve_tools(
         req.tools, req.tool_choice, req.parallel_tool_calls, getattr(state.chat_template, "source", None),
-        has_user_constraint=grammar is not None or schema is not None,
+        has_user_constraint=grammar is not None or schema is not None, limits=grammar_limits(state.settings),
     )
 
 

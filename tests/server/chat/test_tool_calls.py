@@ -296,3 +296,17 @@ def test_a_tool_schema_with_a_dangling_ref_is_a_400():
             r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                           "tools": [broken], "tool_choice": tool_choice})
             assert r.status_code == 400 and "#/$defs/missing" in r.json()["error"]["message"], r.text
+
+
+def test_the_call_grammar_uses_the_servers_grammar_limits():
+    """--max-grammar-bytes covers the tool-call grammar too: a tight limit refuses it (400),
+    the default lets it through."""
+    functions = [WEATHER["function"], TIME["function"]]
+    assert call_grammar(functions, HERMES, parallel=False)
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER, TIME], "tool_choice": "required"}
+    with fake_client(max_grammar_bytes=200) as client:
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and "200 bytes" in r.json()["error"]["message"], r.text
+    with fake_client(FakeEngine(n_ctx=4096)) as client:  # the tools make a long prompt
+        r = client.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+    assert r.status_code == 200, r.text
